@@ -1,0 +1,1 @@
+"""tread_fx.tools."""
