@@ -1,1 +1,30 @@
-"""tread_fx"""
+"""tread_fx: TREAD token routing for diffusion transformers, as a torch.fx graph pass.
+
+    routed = tread_fx.route(model, "2:8@0.5")   # train `routed`; `model` is unchanged
+
+See README.md for the semantics and the API.
+"""
+
+from .api import is_routed, route, unroute
+from .module import TreadGraphModule
+from .passes.find_blocks import NoBlocksFound
+from .passes.insert_routes import RouteEscapeError
+from .passes.trace import TraceError
+from .runtime import TokenSelector
+from .spec import Route, RouteSpec, parse_spec
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "NoBlocksFound",
+    "Route",
+    "RouteEscapeError",
+    "RouteSpec",
+    "TokenSelector",
+    "TraceError",
+    "TreadGraphModule",
+    "is_routed",
+    "parse_spec",
+    "route",
+    "unroute",
+]

@@ -1,0 +1,130 @@
+"""The rewrite: insert token selection, gather and scatter nodes around each route's blocks.
+
+For route ``i`` over blocks ``start..end`` of the chain::
+
+    x_in = <hidden state entering block start>
+    tread_select_i  = _tread.select_i(x_in)                       # kept indices [B, kept]
+    tread_gather_i  = gather_tokens(x_in, tread_select_i)         # [B, kept, D]
+    ... blocks start..end run on tread_gather_i ...
+    tread_scatter_i = scatter_tokens(x_in, <output of block end>, tread_select_i)
+    ... every later use of block end's output now uses tread_scatter_i ...
+
+Each inserted node carries ``node.meta["tread"]`` (route index, role, route, blocks).
+Before returning, the pass checks with networkx that no value computed on the kept tokens
+escapes the span except through the scatter; if one does, it raises naming the node.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import networkx as nx
+from torch import fx
+
+from tread_fx.runtime import gather_tokens, scatter_tokens
+from tread_fx.spec import Route
+
+from .find_blocks import BlockChain
+
+__all__ = ["RouteEscapeError", "insert_routes", "selector_target", "TREAD_META"]
+
+TREAD_META = "tread"
+
+
+class RouteEscapeError(ValueError):
+    """A value computed on the kept tokens is used outside its route."""
+
+
+def selector_target(index: int) -> str:
+    return f"_tread.select_{index}"
+
+
+def _block_nodes(graph: fx.Graph, targets: Sequence[str]) -> list[fx.Node]:
+    by_target: dict[str, list[fx.Node]] = {}
+    for n in graph.nodes:
+        if n.op == "call_module":
+            by_target.setdefault(n.target, []).append(n)
+    nodes = []
+    for t in targets:
+        found = by_target.get(t, [])
+        if len(found) != 1:
+            raise ValueError(f"block {t!r} is called {len(found)} times in the graph; "
+                             f"tread_fx routes blocks that are called exactly once")
+        nodes.append(found[0])
+    return nodes
+
+
+def _hidden_input(node: fx.Node, key) -> fx.Node:
+    return node.args[key] if isinstance(key, int) else node.kwargs[key]
+
+
+def _set_hidden_input(node: fx.Node, key, value: fx.Node) -> None:
+    if isinstance(key, int):
+        args = list(node.args)
+        args[key] = value
+        node.args = tuple(args)
+    else:
+        node.kwargs = {**node.kwargs, key: value}
+
+
+def _hidden_output(node: fx.Node, out_index: int | None) -> fx.Node:
+    if out_index is None:
+        return node
+    for user in node.users:
+        if user.op == "call_function" and user.args[1] == out_index:
+            return user
+    raise ValueError(f"block {node.target!r}: its output element {out_index} is never used")
+
+
+def _data_flow(graph: fx.Graph) -> nx.DiGraph:
+    g = nx.DiGraph()
+    for n in graph.nodes:
+        g.add_node(n)
+        for inp in n.all_input_nodes:
+            g.add_edge(inp, n)
+    return g
+
+
+def _check_no_escape(graph: fx.Graph, gather: fx.Node, scatter: fx.Node, label: str) -> None:
+    flow = _data_flow(graph)
+    inside = (nx.descendants(flow, gather) & nx.ancestors(flow, scatter)) | {gather}
+    for node in inside:
+        for user in node.users:
+            if user not in inside and user is not scatter:
+                raise RouteEscapeError(
+                    f"{label}: node {node.name!r} is computed on the kept tokens only, but "
+                    f"{user.name!r} ({user.op} {getattr(user.target, '__name__', user.target)}) "
+                    f"outside the route uses it. Values produced inside a route may only flow "
+                    f"to the next block; end the route before the block whose output is "
+                    f"reused, or start it after"
+                )
+
+
+def insert_routes(graph: fx.Graph, chain: BlockChain, routes: Sequence[Route]) -> list[dict]:
+    """Rewrite ``graph`` in place; returns the metadata of each inserted route."""
+    blocks = _block_nodes(graph, chain.targets)
+    inserted = []
+    for i, route in enumerate(routes):
+        first, last = blocks[route.start], blocks[route.end]
+        covered = tuple(chain.targets[route.start:route.end + 1])
+        label = f"route {i} ({route}, blocks {covered[0]}..{covered[-1]})"
+        meta = {"route_index": i, "route": route, "blocks": covered, "label": label}
+        x_in = _hidden_input(first, chain.hidden_in)
+        with graph.inserting_before(first):
+            select = graph.create_node("call_module", selector_target(i), (x_in,), {},
+                                       name=f"tread_select_{i}")
+            gather = graph.create_node("call_function", gather_tokens, (x_in, select), {},
+                                       name=f"tread_gather_{i}")
+        _set_hidden_input(first, chain.hidden_in, gather)
+        out = _hidden_output(last, chain.hidden_out)
+        with graph.inserting_after(out):
+            scatter = graph.create_node("call_function", scatter_tokens,
+                                        (x_in, out, select, label), {},
+                                        name=f"tread_scatter_{i}")
+        out.replace_all_uses_with(scatter, delete_user_cb=lambda user: user is not scatter)
+        for node, role in ((select, "select"), (gather, "gather"), (scatter, "scatter")):
+            node.meta[TREAD_META] = {**meta, "role": role}
+        _check_no_escape(graph, gather, scatter, label)
+        inserted.append(meta)
+    graph.lint()
+    return inserted

@@ -1,0 +1,55 @@
+"""Shared fixtures: small reference models with non-trivial weights."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from tread_fx.models import DiT
+
+
+def perturb_(model: nn.Module, std: float = 0.05, seed: int = 0) -> nn.Module:
+    """Add noise to every parameter.
+
+    DiT's adaLN-Zero init makes every block the identity and the output zero; tests that
+    compare routed and dense computation need blocks that actually transform tokens.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * std)
+    return model
+
+
+def tiny_dit(depth: int = 6, hidden: int = 32, heads: int = 2, input_size: int = 8,
+             patch: int = 2, num_classes: int = 10, class_dropout_prob: float = 0.1,
+             seed: int = 0) -> DiT:
+    torch.manual_seed(seed)
+    model = DiT(input_size=input_size, patch_size=patch, in_channels=4, hidden_size=hidden,
+                depth=depth, num_heads=heads, num_classes=num_classes,
+                class_dropout_prob=class_dropout_prob)
+    return perturb_(model, seed=seed)
+
+
+def dit_inputs(batch: int = 2, input_size: int = 8, num_classes: int = 10, seed: int = 1):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 4, input_size, input_size, generator=gen)
+    t = torch.rand(batch, generator=gen) * 999
+    y = torch.randint(0, num_classes, (batch,), generator=gen)
+    return x, t, y
+
+
+def block_token_counts(model: nn.Module, blocks, run) -> list[int]:
+    """Token count each block sees during ``run()``, observed with forward pre-hooks."""
+    seen: list[int] = [None] * len(blocks)
+    handles = []
+    for i, blk in enumerate(blocks):
+        def hook(mod, args, i=i):
+            seen[i] = args[0].shape[1]
+        handles.append(blk.register_forward_pre_hook(hook))
+    try:
+        run()
+    finally:
+        for h in handles:
+            h.remove()
+    return seen

@@ -1,0 +1,161 @@
+"""``route()`` and ``unroute()``: the whole way from a model to its routed graph."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import fx, nn
+
+from tread_fx.passes.find_blocks import BlockChain, find_block_chain, find_candidates
+from tread_fx.passes.insert_routes import TREAD_META, insert_routes
+from tread_fx.passes.remove_routes import remove_routes
+from tread_fx.passes.trace import preserved_modes, trace_modes
+
+from .module import TreadGraphModule
+from .runtime import TokenSelector
+from .spec import RouteSpec, kept_count, parse_spec
+
+__all__ = ["route", "unroute", "is_routed"]
+
+
+def is_routed(model: nn.Module) -> bool:
+    """True for a module returned by :func:`route` that still has routes."""
+    return isinstance(model, TreadGraphModule) and len(model._tread._modules) > 0
+
+
+def _graphs_of(model: nn.Module, spec: RouteSpec) -> tuple[dict[str, fx.Graph], BlockChain]:
+    """Trace (or take) the model's graphs and find its block chain."""
+    if isinstance(model, TreadGraphModule):
+        graphs = {"train": copy.deepcopy(model.graph)}
+        if model._eval_graph is not None:
+            graphs["eval"] = copy.deepcopy(model._eval_graph)
+        for g in graphs.values():
+            remove_routes(g)
+    elif isinstance(model, fx.GraphModule):
+        graphs = {"train": copy.deepcopy(model.graph)}
+    else:
+        graphs = None
+    groups = find_candidates(model, spec.blocks)
+    if graphs is None:
+        graphs = trace_modes(model, [model.get_submodule(n) for g in groups for n in g.names])
+    chain = find_block_chain(graphs["train"], groups)
+    return graphs, chain
+
+
+def _example_args(graph: fx.Graph, example_inputs: Any) -> tuple:
+    if isinstance(example_inputs, Mapping):
+        placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+        names = [p.target.lstrip("*") for p in placeholders]
+        unknown = sorted(set(example_inputs) - set(names))
+        if unknown:
+            raise ValueError(f"example_inputs: unknown argument(s) {unknown}; "
+                             f"forward takes {names}")
+        args = []
+        for p, name in zip(placeholders, names):
+            if name in example_inputs:
+                args.append(example_inputs[name])
+            elif p.args:
+                args.append(p.args[0])
+            else:
+                raise ValueError(f"example_inputs: missing argument {name!r}")
+        return tuple(args)
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, Sequence):
+        return tuple(example_inputs)
+    raise TypeError("example_inputs must be a tuple of positional arguments or a dict of "
+                    f"keyword arguments, got {type(example_inputs).__name__}")
+
+
+def _record_token_counts(routed: TreadGraphModule, example_inputs: Any) -> None:
+    """Run the eval graph once on the example to learn each route's token count.
+
+    Validates the kept count of every route for that token count and stores ``tokens`` and
+    ``kept`` in the TREAD nodes' metadata.  Eval mode and no_grad: no parameter, buffer or
+    random state of the model changes.
+    """
+    args = _example_args(routed.eval_graph, example_inputs)
+    tokens: dict[int, int] = {}
+
+    class _Probe(fx.Interpreter):
+        def run_node(self, n):
+            result = super().run_node(n)
+            meta = n.meta.get(TREAD_META)
+            if meta and meta["role"] == "select":
+                tokens[meta["route_index"]] = self.env[n.args[0]].shape[1]
+            return result
+
+    with preserved_modes(routed), torch.no_grad():
+        routed.eval()
+        _Probe(routed, graph=routed.eval_graph).run(*args)
+    for selector in routed.selectors:
+        n = tokens[selector.index]
+        kept = kept_count(n, selector.selection_ratio, selector.label)
+        for g in routed.graphs():
+            for node in g.nodes:
+                meta = node.meta.get(TREAD_META)
+                if meta and meta["route_index"] == selector.index:
+                    meta.update(tokens=n, kept=kept)
+
+
+def route(model: nn.Module, spec: Any, example_inputs: Any = None, *,
+          keep_order: bool | None = None, seed: int | None = None,
+          blocks: str | None = None) -> TreadGraphModule:
+    """Return a routed copy of ``model`` that trains with TREAD token routing.
+
+    Args:
+        model: an unmodified ``nn.Module``, a ``torch.fx.GraphModule`` traced with its
+            blocks as leaf modules, or a module returned by ``route`` (its routes are
+            replaced by the new ones).
+        spec: ``"2:8@0.5"``, ``"2:4@0.5,6:8@0.25"``, a :class:`Route`, a
+            :class:`RouteSpec`, a list of them, or a list of dicts
+            ``{"selection_ratio": .5, "start_layer_idx": 2, "end_layer_idx": 8}``.
+            Block indices refer to the found block sequence; negative ones count from its
+            end.
+        example_inputs: optional tuple of positional or dict of keyword arguments; when
+            given, every route's kept count is validated for the actual token count now
+            rather than at the first training step.
+        keep_order, seed, blocks: override the spec's options (see :class:`RouteSpec`).
+
+    The result shares the model's parameters and buffers (identical ``state_dict`` keys)
+    and leaves the model itself as it was.  It routes in ``train()`` mode only; in
+    ``eval()`` mode it computes exactly what the model computes.
+    """
+    spec = parse_spec(spec, keep_order=keep_order, seed=seed, blocks=blocks)
+    graphs, chain = _graphs_of(model, spec)
+    where = f"the block sequence {chain.targets[0]}..{chain.targets[-1]}"
+    spec = spec.resolve(len(chain), where)
+    selectors = {}
+    for g in {id(g): g for g in graphs.values()}.values():
+        for meta in insert_routes(g, chain, spec.routes):
+            i = meta["route_index"]
+            selectors.setdefault(f"select_{i}", TokenSelector(
+                i, meta["route"], meta["blocks"], spec.keep_order, spec.seed))
+    routed = TreadGraphModule(model, graphs["train"], graphs.get("eval"), selectors,
+                              class_name=f"Routed{type(model).__name__}".replace(
+                                  "RoutedRouted", "Routed"))
+    routed.block_chain = tuple(chain.targets)
+    routed.route_spec = spec
+    if example_inputs is not None:
+        _record_token_counts(routed, example_inputs)
+    return routed
+
+
+def unroute(routed: nn.Module) -> TreadGraphModule:
+    """A dense module with the routes of ``routed`` taken out (parameters still shared)."""
+    if not isinstance(routed, TreadGraphModule):
+        raise TypeError(f"unroute() takes a module returned by tread_fx.route(), got "
+                        f"{type(routed).__name__}")
+    train = copy.deepcopy(routed.graph)
+    remove_routes(train)
+    eval_graph = None
+    if routed._eval_graph is not None:
+        eval_graph = copy.deepcopy(routed._eval_graph)
+        remove_routes(eval_graph)
+    name = type(routed).__name__
+    dense = TreadGraphModule(routed, train, eval_graph, {},
+                             class_name=name[len("Routed"):] if name.startswith("Routed") else name)
+    dense.block_chain = getattr(routed, "block_chain", ())
+    return dense

@@ -1,0 +1,118 @@
+"""The routed module: a GraphModule with one graph per mode over the user's own module tree."""
+
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+__all__ = ["TreadGraphModule"]
+
+
+def _compile_graph(graph: fx.Graph, filename: str):
+    code = graph.python_code(root_module="self")
+    namespace = dict(code.globals)
+    exec(compile(code.src, filename, "exec"), namespace)  # noqa: S102 - fx's own codegen
+    return namespace["forward"], code.src
+
+
+class TreadGraphModule(fx.GraphModule):
+    """A routed model: ``graph`` runs in ``train()`` mode, ``eval_graph`` in ``eval()`` mode.
+
+    Both graphs are traced from the same model (each in its own mode, so code outside the
+    blocks that branches on ``self.training`` keeps its meaning) and both carry the TREAD
+    nodes; the selectors are active in train mode only, so eval runs the dense computation.
+
+    The module tree is the original model's: the same child modules, parameters and buffers
+    (so ``state_dict`` keys are identical and ``routed.blocks[0]`` works), plus the
+    parameter-free selectors under ``_tread`` (one per route).
+    """
+
+    def __init__(self, root: nn.Module, graph: fx.Graph, eval_graph: fx.Graph | None = None,
+                 selectors: dict[str, nn.Module] | None = None,
+                 class_name: str | None = None) -> None:
+        self._eval_graph = None
+        super().__init__(nn.Module(), fx.Graph(), class_name or type(root).__name__)
+        # Adopt the root's own state and children: the same objects, in the same order.
+        self._parameters = OrderedDict(root._parameters)
+        self._buffers = OrderedDict(root._buffers)
+        self._non_persistent_buffers_set = set(root._non_persistent_buffers_set)
+        self._modules = OrderedDict((k, v) for k, v in root._modules.items() if k != "_tread")
+        tread = nn.Module()
+        for name, module in (selectors or {}).items():
+            tread.add_module(name, module)
+        self._modules["_tread"] = tread
+        self.training = root.training
+        self._eval_graph = eval_graph
+        if eval_graph is not None:
+            eval_graph.owning_module = self
+        self.graph = graph  # compiles both forwards
+
+    # -- graphs and forward -------------------------------------------------------------
+    @property
+    def eval_graph(self) -> fx.Graph:
+        """The graph run in eval mode (the train graph when the model came with one graph)."""
+        return self._eval_graph if self._eval_graph is not None else self.graph
+
+    @property
+    def eval_code(self) -> str:
+        return self._eval_code if self._eval_graph is not None else self.code
+
+    def recompile(self):
+        result = super().recompile()
+        cls = type(self)
+        cls._train_forward = cls.forward
+        if self._eval_graph is not None:
+            cls._eval_forward, self._eval_code = _compile_graph(
+                self._eval_graph, f"<tread_fx eval graph of {cls.__name__}>")
+        else:
+            cls._eval_forward = cls.forward
+        cls.forward = TreadGraphModule._dispatch
+        return result
+
+    def _dispatch(self, *args: Any, **kwargs: Any) -> Any:
+        if self.training:
+            return self._train_forward(*args, **kwargs)
+        return self._eval_forward(*args, **kwargs)
+
+    # -- inspection ---------------------------------------------------------------------
+    @property
+    def selectors(self) -> list[nn.Module]:
+        """One :class:`~tread_fx.runtime.TokenSelector` per route, in route order."""
+        return [self._tread.get_submodule(f"select_{i}") for i in range(len(self._tread._modules))]
+
+    @property
+    def routes(self):
+        """The resolved routes, as :class:`~tread_fx.spec.Route` objects."""
+        return tuple(s.route for s in self.selectors)
+
+    def graphs(self) -> list[fx.Graph]:
+        """The distinct graphs of this module (train first)."""
+        return [self.graph] if self._eval_graph is None else [self.graph, self._eval_graph]
+
+    # -- copying ------------------------------------------------------------------------
+    def __deepcopy__(self, memo: dict[int, Any]) -> "TreadGraphModule":
+        tree = nn.Module()
+        tree._parameters = self._parameters
+        tree._buffers = self._buffers
+        tree._non_persistent_buffers_set = self._non_persistent_buffers_set
+        tree._modules = self._modules
+        tree.training = self.training
+        tree_copy = copy.deepcopy(tree, memo)
+        selectors = dict(tree_copy._modules.pop("_tread")._modules)
+        res = TreadGraphModule(
+            tree_copy, copy.deepcopy(self.graph, memo),
+            None if self._eval_graph is None else copy.deepcopy(self._eval_graph, memo),
+            selectors, type(self).__name__)
+        memo[id(self)] = res
+        return res
+
+    def __reduce__(self):
+        raise TypeError(
+            f"{type(self).__name__} (a tread_fx routed module) cannot be pickled; save its "
+            f"state_dict() (keys are the original model's) and call tread_fx.route() again "
+            f"after loading it into the original model"
+        )

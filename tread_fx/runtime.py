@@ -1,0 +1,137 @@
+"""What the inserted graph nodes run.
+
+``tread_select_<i>`` calls a :class:`TokenSelector` (a parameter-free module, so it follows
+``train()``/``eval()``); ``tread_gather_<i>`` and ``tread_scatter_<i>`` call
+:func:`gather_tokens` and :func:`scatter_tokens`.  When a selector is inactive (eval mode by
+default) it returns ``None`` and gather/scatter pass their tensor through untouched, so the
+eval forward is the original computation, bit for bit.
+
+Everything here is compiler-friendly: the kept count follows from the static token count,
+there is no ``.item()`` and no data-dependent shape.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .spec import Route, kept_count
+
+__all__ = ["TokenSelector", "gather_tokens", "scatter_tokens", "select_tokens"]
+
+
+def select_tokens(
+    x: torch.Tensor,
+    selection_ratio: float,
+    keep_order: bool = True,
+    generator: torch.Generator | None = None,
+    label: str = "route",
+) -> torch.Tensor:
+    """Indices ``[B, kept]`` of the tokens that stay in the route, drawn uniformly per sample.
+
+    ``x`` is ``[B, N, ...]`` (token axis 1).  With ``keep_order`` the indices are sorted, so
+    kept tokens keep their original order; when every token is kept the draw is skipped and
+    the indices are ``0..N-1``, which leaves the random number stream untouched.
+    """
+    batch, num_tokens = x.shape[0], x.shape[1]
+    kept = kept_count(num_tokens, selection_ratio, label)
+    if kept == num_tokens and keep_order:
+        return torch.arange(num_tokens, device=x.device).expand(batch, num_tokens)
+    noise = torch.rand(batch, num_tokens, device=x.device, generator=generator)
+    indices = noise.topk(kept, dim=1, sorted=False).indices
+    if keep_order:
+        indices = indices.sort(dim=1).values
+    return indices
+
+
+def _expand_index(indices: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    trailing = like.shape[2:]
+    view = indices.reshape(indices.shape + (1,) * len(trailing))
+    return view.expand(indices.shape + trailing)
+
+
+def gather_tokens(x: torch.Tensor, indices: torch.Tensor | None) -> torch.Tensor:
+    """The kept tokens of ``x`` (``[B, N, ...]`` -> ``[B, kept, ...]``); ``x`` itself when inactive."""
+    if indices is None:
+        return x
+    return x.gather(1, _expand_index(indices, x))
+
+
+def scatter_tokens(
+    full: torch.Tensor,
+    kept: torch.Tensor,
+    indices: torch.Tensor | None,
+    label: str = "route",
+) -> torch.Tensor:
+    """Put the processed kept tokens back into the tensor that entered the route.
+
+    Routed tokens come back at their own positions with their pre-route values (and receive
+    gradient through that identity path).  The result has the processed tensor's dtype, as
+    the dense block output would.  Inactive: returns ``kept`` itself.
+    """
+    if indices is None:
+        return kept
+    if kept.shape[:1] + kept.shape[2:] != full.shape[:1] + full.shape[2:] or (
+        kept.shape[1] != indices.shape[1]
+    ):
+        raise RuntimeError(
+            f"{label}: the last block of the route returned shape {tuple(kept.shape)}, but "
+            f"{indices.shape[1]} tokens of a {tuple(full.shape)} input went in; a routed block "
+            f"must keep the token count and the feature shape"
+        )
+    if full.dtype != kept.dtype:
+        full = full.to(kept.dtype)
+    return full.scatter(1, _expand_index(indices, kept), kept)
+
+
+class TokenSelector(nn.Module):
+    """Draws the kept-token indices of one route.
+
+    Active in ``train()`` mode; inactive (returns ``None``) in ``eval()`` mode unless
+    ``force_active`` is set, which inference-time routing (sparse guidance) uses.  Has no
+    parameters or buffers: it adds nothing to the state dict.
+
+    After every forward, :attr:`last_indices` holds the indices it drew (``None`` when
+    inactive), so losses can see which tokens each route kept.
+    """
+
+    def __init__(self, index: int, route: Route, blocks: tuple[str, ...], keep_order: bool,
+                 seed: int | None) -> None:
+        super().__init__()
+        self.index = index
+        self.route = route
+        self.blocks = blocks
+        self.selection_ratio = route.selection_ratio
+        self.keep_order = keep_order
+        self.seed = seed
+        self.force_active: bool | None = None
+        self.last_indices: torch.Tensor | None = None
+        self._generators: dict[torch.device, torch.Generator] = {}
+
+    @property
+    def label(self) -> str:
+        return f"route {self.index} ({self.route}, blocks {self.blocks[0]}..{self.blocks[-1]})"
+
+    def extra_repr(self) -> str:
+        return (f"route={self.route}, blocks={self.blocks[0]}..{self.blocks[-1]}, "
+                f"keep_order={self.keep_order}, seed={self.seed}")
+
+    def _generator(self, device: torch.device) -> torch.Generator | None:
+        if self.seed is None:
+            return None
+        gen = self._generators.get(device)
+        if gen is None:
+            gen = torch.Generator(device=device)
+            gen.manual_seed(self.seed + self.index)
+            self._generators[device] = gen
+        return gen
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        active = self.training if self.force_active is None else self.force_active
+        if not active:
+            self.last_indices = None
+            return None
+        indices = select_tokens(x, self.selection_ratio, self.keep_order,
+                                self._generator(x.device), self.label)
+        self.last_indices = indices
+        return indices
