@@ -1,0 +1,42 @@
+"""The inspection tools and the CLI, end to end on small models."""
+
+import json
+
+import tread_fx
+from tread_fx.tools.cli import main
+from tread_fx.tools.inspect import route_nodes, summary, to_dot
+from conftest import dit_inputs, tiny_dit
+
+
+def test_summary_and_dot_show_the_inserted_nodes():
+    routed = tread_fx.route(tiny_dit(depth=6), "1:2@0.5,4:5@0.25", example_inputs=dit_inputs())
+    text = summary(routed)
+    assert "6 blocks (blocks.0..blocks.5)" in text
+    assert "1..2 (blocks.1..blocks.2)" in text and "tread_scatter_1" in text
+    rows = [line.split() for line in text.splitlines()[2:]]
+    assert [(r[0], r[3], r[4], r[5]) for r in rows] == [("0", "0.5", "16", "8"),
+                                                        ("1", "0.25", "16", "12")]
+    assert [n.name for n in route_nodes(routed.graph)] == [
+        "tread_select_0", "tread_gather_0", "tread_scatter_0",
+        "tread_select_1", "tread_gather_1", "tread_scatter_1"]
+    dot = to_dot(routed.graph)
+    assert dot.startswith('digraph "routed"') and dot.count('fillcolor="orange"') == 6
+    assert '"blocks_2" -> "tread_scatter_0";' in dot
+
+
+def test_cli_inspect(capsys, tmp_path):
+    assert main(["inspect", "--model", "DiT-S/8", "--input-size", "32", "--code",
+                 "--dot", str(tmp_path / "g.dot")]) == 0
+    out = capsys.readouterr().out
+    assert "tread_gather_0 = tread_fx_runtime_gather_tokens" in out
+    assert (tmp_path / "g.dot").read_text().startswith("digraph")
+
+
+def test_cli_bench_reports_ratios(capsys):
+    assert main(["bench", "--model", "DiT-S/8", "--input-size", "32", "--batch", "2",
+                 "--steps", "2", "--warmup", "0", "--routes", "1:8@0.5", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["tokens"] == 16
+    assert 0.3 < result["flop_ratio"] < 0.95
+    assert abs(result["predicted_speedup"] * result["flop_ratio"] - 1) < 1e-9
+    assert result["dense_step_s"] > 0 and result["routed_step_s"] > 0

@@ -1,0 +1,59 @@
+"""The ``tread-fx`` command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+__all__ = ["main"]
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    import torch
+
+    import tread_fx
+    from tread_fx.models import DiT_models
+
+    from .inspect import summary, to_dot
+
+    model = DiT_models[args.model](input_size=args.input_size, num_classes=1000)
+    example = (torch.randn(1, model.in_channels, args.input_size, args.input_size),
+               torch.rand(1), torch.zeros(1, dtype=torch.long))
+    routed = tread_fx.route(model, args.routes, example_inputs=example)
+    print(summary(routed))
+    if args.code:
+        print(routed.code)
+    if args.dot:
+        with open(args.dot, "w") as f:
+            f.write(to_dot(routed.graph, type(routed).__name__))
+        print(f"wrote {args.dot} (render: dot -Tsvg {args.dot} -o routed.svg)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from tread_fx.models import DiT_models
+
+    from . import bench
+
+    parser = argparse.ArgumentParser(prog="tread-fx", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("bench", help="train-step time routed vs dense, next to the FLOP ratio")
+    bench.add_arguments(p)
+    p.set_defaults(func=bench.main)
+    p = sub.add_parser("inspect", help="route a reference DiT and print what was inserted")
+    p.add_argument("--model", default="DiT-B/2", choices=sorted(DiT_models))
+    p.add_argument("--routes", default="2:8@0.5")
+    p.add_argument("--input-size", type=int, default=32)
+    p.add_argument("--code", action="store_true", help="print the routed train graph's code")
+    p.add_argument("--dot", metavar="FILE", help="write the routed graph as Graphviz DOT")
+    p.set_defaults(func=_inspect)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
