@@ -5,7 +5,7 @@
 See README.md for the semantics and the API.
 """
 
-from .api import is_routed, route, unroute
+from .api import is_routed, kept_masks, route, routing, unroute
 from .module import TreadGraphModule
 from .passes.find_blocks import NoBlocksFound
 from .passes.insert_routes import RouteEscapeError
@@ -24,7 +24,9 @@ __all__ = [
     "TraceError",
     "TreadGraphModule",
     "is_routed",
+    "kept_masks",
     "parse_spec",
     "route",
+    "routing",
     "unroute",
 ]

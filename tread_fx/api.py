@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import copy
-from typing import Any, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 from torch import fx, nn
@@ -17,7 +18,7 @@ from .module import TreadGraphModule
 from .runtime import TokenSelector
 from .spec import RouteSpec, kept_count, parse_spec
 
-__all__ = ["route", "unroute", "is_routed"]
+__all__ = ["route", "unroute", "is_routed", "kept_masks", "routing"]
 
 
 def is_routed(model: nn.Module) -> bool:
@@ -159,3 +160,55 @@ def unroute(routed: nn.Module) -> TreadGraphModule:
                              class_name=name[len("Routed"):] if name.startswith("Routed") else name)
     dense.block_chain = getattr(routed, "block_chain", ())
     return dense
+
+
+def _selectors_of(routed: nn.Module, caller: str) -> list[TokenSelector]:
+    if not isinstance(routed, TreadGraphModule):
+        raise TypeError(f"{caller}() takes a module returned by tread_fx.route(), got "
+                        f"{type(routed).__name__}; under torch.compile or DDP pass the routed "
+                        f"module itself, not its wrapper")
+    return routed.selectors
+
+
+def kept_masks(routed: nn.Module) -> list[torch.Tensor]:
+    """Per route, the ``[B, N]`` boolean mask of the tokens its blocks saw in the last forward.
+
+    True marks a token kept through the route; False one that skipped it.  Empty when the
+    last forward did not route (eval mode), so a loss that uses the masks falls back to the
+    plain loss.  Reading the masks costs nothing when unused: the selectors only keep a
+    reference to the indices they drew.
+    """
+    masks = []
+    for selector in _selectors_of(routed, "kept_masks"):
+        indices = selector.last_indices
+        if indices is None:
+            return []
+        mask = torch.zeros(indices.shape[0], selector.last_num_tokens, dtype=torch.bool,
+                           device=indices.device)
+        masks.append(mask.scatter(1, indices, True))
+    return masks
+
+
+@contextmanager
+def routing(routed: nn.Module, selection_ratio: float | None = None) -> Iterator[nn.Module]:
+    """Route in any mode (also ``eval()``), optionally with another ratio for every route.
+
+    For inference-time routing such as TREAD / sparse guidance::
+
+        with tread_fx.routing(routed, 0.3):
+            v_strong = routed(x, t, y)
+    """
+    selectors = _selectors_of(routed, "routing")
+    if selection_ratio is not None:
+        for s in selectors:
+            s.check_ratio(selection_ratio)
+    saved = [(s, s.force_active, s.selection_ratio) for s in selectors]
+    try:
+        for s in selectors:
+            s.force_active = True
+            if selection_ratio is not None:
+                s.selection_ratio = float(selection_ratio)
+        yield routed
+    finally:
+        for s, active, ratio in saved:
+            s.force_active, s.selection_ratio = active, ratio

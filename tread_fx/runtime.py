@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .spec import Route, kept_count
+from .spec import Route, check_ratio, kept_count
 
 __all__ = ["TokenSelector", "gather_tokens", "scatter_tokens", "select_tokens"]
 
@@ -106,6 +106,7 @@ class TokenSelector(nn.Module):
         self.seed = seed
         self.force_active: bool | None = None
         self.last_indices: torch.Tensor | None = None
+        self.last_num_tokens = 0
         self._generators: dict[torch.device, torch.Generator] = {}
 
     @property
@@ -115,6 +116,9 @@ class TokenSelector(nn.Module):
     def extra_repr(self) -> str:
         return (f"route={self.route}, blocks={self.blocks[0]}..{self.blocks[-1]}, "
                 f"keep_order={self.keep_order}, seed={self.seed}")
+
+    def check_ratio(self, selection_ratio: float) -> None:
+        check_ratio(selection_ratio, self.label, "selection_ratio")
 
     def _generator(self, device: torch.device) -> torch.Generator | None:
         if self.seed is None:
@@ -134,4 +138,5 @@ class TokenSelector(nn.Module):
         indices = select_tokens(x, self.selection_ratio, self.keep_order,
                                 self._generator(x.device), self.label)
         self.last_indices = indices
+        self.last_num_tokens = x.shape[1]
         return indices

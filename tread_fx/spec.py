@@ -23,7 +23,7 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Mapping, Sequence
 
-__all__ = ["Route", "RouteSpec", "parse_spec", "kept_count"]
+__all__ = ["Route", "RouteSpec", "check_ratio", "kept_count", "parse_spec"]
 
 
 @dataclass(frozen=True)
@@ -119,7 +119,8 @@ def kept_count(num_tokens: int, selection_ratio: float, label: str = "route") ->
 _ROUTE_RE = re.compile(r"^\s*(-?\d+)\s*:\s*(-?\d+)\s*@\s*([0-9.eE+-]+)\s*$")
 
 
-def _check_ratio(value: Any, label: str, field_name: str) -> float:
+def check_ratio(value: Any, label: str, field_name: str = "selection_ratio") -> float:
+    """``value`` as a float in [0, 1); ``ValueError`` naming ``label`` and the field otherwise."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(f"{label}: {field_name} must be a number in [0, 1), got {value!r}")
     value = float(value)
@@ -148,7 +149,7 @@ def _route_from_string(text: str, i: int) -> Route:
         ratio = float(m.group(3))
     except ValueError:
         raise ValueError(f"{label}: selection_ratio {m.group(3)!r} is not a number") from None
-    return Route(int(m.group(1)), int(m.group(2)), _check_ratio(ratio, label, "selection_ratio"))
+    return Route(int(m.group(1)), int(m.group(2)), check_ratio(ratio, label, "selection_ratio"))
 
 
 _DICT_FIELDS = {
@@ -178,7 +179,7 @@ def _route_from_mapping(d: Mapping[str, Any], i: int) -> Route:
     return Route(
         _check_index(values["start"][1], label, values["start"][0]),
         _check_index(values["end"][1], label, values["end"][0]),
-        _check_ratio(values["selection_ratio"][1], label, "selection_ratio"),
+        check_ratio(values["selection_ratio"][1], label, "selection_ratio"),
     )
 
 
@@ -188,7 +189,7 @@ def _route_from_any(item: Any, i: int) -> Route:
         return Route(
             _check_index(item.start, label, "start"),
             _check_index(item.end, label, "end"),
-            _check_ratio(item.selection_ratio, label, "selection_ratio"),
+            check_ratio(item.selection_ratio, label, "selection_ratio"),
         )
     if isinstance(item, str):
         return _route_from_string(item, i)
