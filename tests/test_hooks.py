@@ -63,3 +63,12 @@ def test_routing_context_routes_in_eval_mode_with_another_ratio():
     with pytest.raises(ValueError, match=r"route 0 .*selection_ratio=1.5 is outside"):
         with tread_fx.routing(routed, 1.5):
             pass
+
+
+def test_seeded_selection_under_compile_says_what_to_do():
+    torch._dynamo.reset()
+    routed = tread_fx.route(tiny_dit(depth=4), "1:2@0.5", seed=0).train()
+    compiled = torch.compile(routed, fullgraph=True, backend="aot_eager")
+    with pytest.raises(Exception, match=r"route 0 .*seed=0 draws from a torch.Generator.*"
+                                        r"torch.manual_seed"):
+        compiled(*dit_inputs())

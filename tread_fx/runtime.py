@@ -123,6 +123,11 @@ class TokenSelector(nn.Module):
     def _generator(self, device: torch.device) -> torch.Generator | None:
         if self.seed is None:
             return None
+        if torch.compiler.is_compiling():
+            raise RuntimeError(
+                f"{self.label}: seed={self.seed} draws from a torch.Generator, which "
+                f"torch.compile cannot trace; under torch.compile route without seed= and "
+                f"make the selection reproducible with torch.manual_seed()")
         gen = self._generators.get(device)
         if gen is None:
             gen = torch.Generator(device=device)
