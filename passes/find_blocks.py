@@ -135,8 +135,11 @@ def find_block_chain(graph: fx.Graph, groups: list[CandidateGroup]) -> BlockChai
             for out_index, value in _outputs(block):
                 for user in value.users:
                     if user in call_set:
-                        for key in _arg_keys(user, value):
-                            dag.add_edge(block, user, keys={(out_index, key)})
+                        keys = {(out_index, key) for key in _arg_keys(user, value)}
+                        if dag.has_edge(block, user):
+                            dag.edges[block, user]["keys"] |= keys
+                        else:
+                            dag.add_edge(block, user, keys=keys)
         path = nx.dag_longest_path(dag)
         if len(path) < 2:
             rejected.append(f"{group.describe()}: no block's output is the input of another "
@@ -147,7 +150,14 @@ def find_block_chain(graph: fx.Graph, groups: list[CandidateGroup]) -> BlockChai
             rejected.append(f"{group.describe()}: consecutive blocks pass the hidden state "
                             f"through different arguments")
             continue
-        out_index, in_key = sorted(common, key=lambda k: (k[0] is not None, str(k)))[0]
+        if len(common) > 1:
+            streams = ", ".join(f"output {'' if o is None else f'[{o}] '}-> argument {k!r}"
+                                for o, k in sorted(common, key=str))
+            rejected.append(f"{group.describe()}: the blocks pass several streams to each "
+                            f"other ({streams}); which one is the token stream to route is "
+                            f"ambiguous, and tread_fx does not guess")
+            continue
+        ((out_index, in_key),) = common
         results.append(BlockChain(group, [n.target for n in path], in_key, out_index))
     if not results:
         lines = "\n  - ".join(rejected) if rejected else (

@@ -76,20 +76,37 @@ def _hidden_output(node: fx.Node, out_index: int | None) -> fx.Node:
     raise ValueError(f"block {node.target!r}: its output element {out_index} is never used")
 
 
-def _data_flow(graph: fx.Graph) -> nx.DiGraph:
+def _data_flow(graph: fx.Graph, side_outputs: set[fx.Node]) -> nx.DiGraph:
+    """Node-level data flow, without the edges into the blocks' side outputs."""
     g = nx.DiGraph()
     for n in graph.nodes:
         g.add_node(n)
+        if n in side_outputs:
+            continue
         for inp in n.all_input_nodes:
             g.add_edge(inp, n)
     return g
 
 
-def _check_no_escape(graph: fx.Graph, gather: fx.Node, scatter: fx.Node, label: str) -> None:
-    flow = _data_flow(graph)
+def _side_outputs(blocks: Sequence[fx.Node], hidden_out: int | None) -> set[fx.Node]:
+    """Tuple elements of block outputs other than the hidden state (other streams, gates)."""
+    if hidden_out is None:
+        return set()
+    return {u for b in blocks for u in b.users
+            if u.op == "call_function" and u.args[1] != hidden_out}
+
+
+def _check_no_escape(graph: fx.Graph, gather: fx.Node, scatter: fx.Node, label: str,
+                     side_outputs: set[fx.Node]) -> None:
+    """No value computed from the kept hidden tokens may be used outside the route.
+
+    The blocks' other outputs (e.g. the text stream of a joint-attention block) are allowed
+    to leave: they are not on the routed token axis.
+    """
+    flow = _data_flow(graph, side_outputs)
     inside = (nx.descendants(flow, gather) & nx.ancestors(flow, scatter)) | {gather}
     for node in inside:
-        for user in node.users:
+        for user in flow.successors(node):
             if user not in inside and user is not scatter:
                 raise RouteEscapeError(
                     f"{label}: node {node.name!r} is computed on the kept tokens only, but "
@@ -124,7 +141,8 @@ def insert_routes(graph: fx.Graph, chain: BlockChain, routes: Sequence[Route]) -
         out.replace_all_uses_with(scatter, delete_user_cb=lambda user: user is not scatter)
         for node, role in ((select, "select"), (gather, "gather"), (scatter, "scatter")):
             node.meta[TREAD_META] = {**meta, "role": role}
-        _check_no_escape(graph, gather, scatter, label)
+        _check_no_escape(graph, gather, scatter, label,
+                         _side_outputs(blocks[route.start:route.end + 1], chain.hidden_out))
         inserted.append(meta)
     graph.lint()
     return inserted

@@ -44,9 +44,10 @@ def block_token_counts(model: nn.Module, blocks, run) -> list[int]:
     seen: list[int] = [None] * len(blocks)
     handles = []
     for i, blk in enumerate(blocks):
-        def hook(mod, args, i=i):
-            seen[i] = args[0].shape[1]
-        handles.append(blk.register_forward_pre_hook(hook))
+        def hook(mod, args, kwargs, i=i):
+            hidden = args[0] if args else kwargs.get("x", kwargs.get("hidden_states"))
+            seen[i] = hidden.shape[1]
+        handles.append(blk.register_forward_pre_hook(hook, with_kwargs=True))
     try:
         run()
     finally:
