@@ -44,16 +44,24 @@ class CandidateGroup:
 
 @dataclass
 class BlockChain:
-    """The found block sequence: one ``call_module`` node per block, in execution order."""
+    """The found block sequence: one ``call_module`` node per block, in execution order.
 
-    group: CandidateGroup
+    ``hidden_in[i]`` is where block ``i`` receives the hidden state (positional index or
+    keyword name); ``hidden_out[i]`` the element of its tuple output that is the hidden
+    state (None for a tensor output).  Blocks of different classes may follow each other.
+    """
+
     targets: list[str]
-    hidden_in: ArgKey
-    hidden_out: int | None  # index into a tuple output, None for a tensor output
+    hidden_in: list[ArgKey]
+    hidden_out: list[int | None]
     rejected: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.targets)
+
+
+# Argument names that mark the token stream when a block passes several streams on.
+HIDDEN_NAMES = ("hidden_states", "x", "hidden", "h", "img", "image", "tokens")
 
 
 def _param_signature(m: nn.Module) -> tuple:
@@ -96,9 +104,16 @@ def find_candidates(model: nn.Module, container: str | None = None) -> list[Cand
             group = by_sig.setdefault((type(child), sig), CandidateGroup(parent_name, type(child), []))
             group.names.append(qual)
         groups.extend(g for g in by_sig.values() if len(g.names) >= 2)
-    members = [n for g in groups for n in g.names]
+    # Modules elsewhere that match a group (a U-ViT's single mid block) join it.
+    signatures = {(g.cls, _param_signature(model.get_submodule(g.names[0]))): g for g in groups}
+    grouped = {n for g in groups for n in g.names}
+    for name, module in model.named_modules():
+        group = signatures.get((type(module), _param_signature(module))) if name else None
+        if group is not None and name not in grouped:
+            group.names.append(name)
+            grouped.add(name)
     return [g for g in groups
-            if not any(g.names[0].startswith(m + ".") for m in members)]
+            if not any(g.names[0].startswith(m + ".") for m in grouped)]
 
 
 def _arg_keys(node: fx.Node, value: fx.Node) -> list[ArgKey]:
@@ -117,49 +132,65 @@ def _outputs(node: fx.Node) -> list[tuple[int | None, fx.Node]]:
     return outs
 
 
-def find_block_chain(graph: fx.Graph, groups: list[CandidateGroup]) -> BlockChain:
-    """The longest chain of blocks of one group in which each block feeds the next."""
-    results: list[BlockChain] = []
+def _edge_key(keys: set, hidden: ArgKey | None) -> tuple | None | str:
+    """The (output index, argument) pair that carries the hidden state along one edge."""
+    if hidden is not None:
+        keys = {k for k in keys if k[1] == hidden}
+    if len(keys) == 1:
+        return next(iter(keys))
+    named = {k for k in keys if k[1] in HIDDEN_NAMES}
+    if len(named) == 1:
+        return next(iter(named))
+    return "ambiguous" if keys else None
+
+
+def find_block_chain(graph: fx.Graph, groups: list[CandidateGroup],
+                     hidden: ArgKey | None = None) -> BlockChain:
+    """The longest chain of candidate blocks in which each block feeds the next.
+
+    One networkx DAG holds every call of every candidate block; an edge links a block to a
+    block that takes one of its outputs as an argument.  With several streams between two
+    blocks (text and image), the one passed as ``hidden`` (or under a conventional name such
+    as ``hidden_states``) is the token stream; otherwise the edge is ambiguous and refused.
+    """
+    member_of = {name: g for g in groups for name in g.names}
+    calls = [n for n in graph.nodes if n.op == "call_module" and n.target in member_of]
     rejected: list[str] = []
-    for group in groups:
-        members = set(group.names)
-        calls = [n for n in graph.nodes if n.op == "call_module" and n.target in members]
-        if len(calls) < 2:
-            rejected.append(f"{group.describe()}: called {len(calls)} time(s) in forward, "
-                            f"need at least 2 consecutive calls")
-            continue
-        call_set = set(calls)
-        dag = nx.DiGraph()
-        dag.add_nodes_from(calls)
-        for block in calls:
-            for out_index, value in _outputs(block):
-                for user in value.users:
-                    if user in call_set:
-                        keys = {(out_index, key) for key in _arg_keys(user, value)}
-                        if dag.has_edge(block, user):
-                            dag.edges[block, user]["keys"] |= keys
-                        else:
-                            dag.add_edge(block, user, keys=keys)
-        path = nx.dag_longest_path(dag)
-        if len(path) < 2:
-            rejected.append(f"{group.describe()}: no block's output is the input of another "
-                            f"(the blocks do not form a sequence)")
-            continue
-        common = set.intersection(*(dag.edges[a, b]["keys"] for a, b in zip(path, path[1:])))
-        if not common:
-            rejected.append(f"{group.describe()}: consecutive blocks pass the hidden state "
-                            f"through different arguments")
-            continue
-        if len(common) > 1:
-            streams = ", ".join(f"output {'' if o is None else f'[{o}] '}-> argument {k!r}"
-                                for o, k in sorted(common, key=str))
-            rejected.append(f"{group.describe()}: the blocks pass several streams to each "
-                            f"other ({streams}); which one is the token stream to route is "
-                            f"ambiguous, and tread_fx does not guess")
-            continue
-        ((out_index, in_key),) = common
-        results.append(BlockChain(group, [n.target for n in path], in_key, out_index))
-    if not results:
+    for g in groups:
+        count = sum(1 for n in calls if member_of[n.target] is g)
+        if count < 2 and len(g.names) >= 2:
+            rejected.append(f"{g.describe()}: called {count} time(s) in forward")
+    call_set = set(calls)
+    dag = nx.DiGraph()
+    dag.add_nodes_from(calls)
+    ambiguous: list[str] = []
+    for block in calls:
+        edges: dict[fx.Node, set] = {}
+        for out_index, value in _outputs(block):
+            for user in value.users:
+                if user in call_set:
+                    edges.setdefault(user, set()).update(
+                        (out_index, key) for key in _arg_keys(user, value))
+        for user, keys in edges.items():
+            key = _edge_key(keys, hidden)
+            if key == "ambiguous":
+                streams = ", ".join(f"output {'' if o is None else f'[{o}] '}-> argument {k!r}"
+                                    for o, k in sorted(keys, key=str))
+                ambiguous.append(f"{block.target} -> {user.target} pass several streams "
+                                 f"({streams})")
+            elif key is not None:
+                dag.add_edge(block, user, key=key)
+    components = sorted((nx.dag_longest_path(dag.subgraph(c))
+                         for c in nx.weakly_connected_components(dag)), key=len, reverse=True)
+    if not components or len(components[0]) < 2:
+        if ambiguous:
+            rejected.append(ambiguous[0] + "; which one is the token stream to route is "
+                            "ambiguous, and tread_fx does not guess: pass "
+                            "hidden='<argument name>'")
+        for g in groups:
+            if any(member_of[n.target] is g for n in calls):
+                rejected.append(f"{g.describe()}: no block's output is the input of another "
+                                f"(the blocks do not form a sequence)")
         lines = "\n  - ".join(rejected) if rejected else (
             "no sibling modules of the same class with the same parameter shapes")
         raise NoBlocksFound(
@@ -167,15 +198,28 @@ def find_block_chain(graph: fx.Graph, groups: list[CandidateGroup]) -> BlockChai
             "\nIf the model has one, name its container with blocks='<path>' (e.g. "
             "blocks='blocks'); a block must take the previous block's output as an argument."
         )
-    results.sort(key=len, reverse=True)
-    best = results[0]
-    ties = [r for r in results[1:] if len(r) == len(best)]
-    if ties:
-        names = ", ".join(repr(r.group.parent) for r in [best, *ties])
+    path = components[0]
+    if len(components) > 1 and len(components[1]) == len(path):
+        names = ", ".join(f"{c[0].target}..{c[-1].target}" for c in components[:2])
         raise NoBlocksFound(
-            f"found several block sequences of equal length {len(best)} ({names}); "
+            f"found several block sequences of equal length {len(path)} ({names}); "
             f"say which to route with blocks='<path>'"
         )
-    best.rejected = rejected + [f"{r.group.describe()}: shorter chain ({len(r)} blocks)"
-                                for r in results[1:]]
-    return best
+    keys = [dag.edges[a, b]["key"] for a, b in zip(path, path[1:])]
+    cls_of = [member_of[n.target] for n in path]
+    hidden_in: list[ArgKey] = [None] + [k[1] for k in keys]
+    hidden_out: list[int | None] = [k[0] for k in keys] + [None]
+    # The first block takes the stream like a later block of its kind; the last block
+    # returns it like an earlier one of its kind.
+    same_in = [i for i in range(1, len(path)) if cls_of[i] is cls_of[0]]
+    hidden_in[0] = hidden_in[same_in[0]] if same_in else hidden_in[1]
+    same_out = [i for i in range(len(path) - 1) if cls_of[i] is cls_of[-1]]
+    hidden_out[-1] = hidden_out[same_out[-1]] if same_out else hidden_out[-2]
+    first = path[0]
+    if (isinstance(hidden_in[0], int) and hidden_in[0] >= len(first.args)) or \
+            (isinstance(hidden_in[0], str) and hidden_in[0] not in first.kwargs):
+        raise NoBlocksFound(f"block {first.target!r} does not take the hidden state as "
+                            f"argument {hidden_in[0]!r} like the blocks after it")
+    rejected += [f"{len(c)}-block sequence {c[0].target}..{c[-1].target}: shorter"
+                 for c in components[1:] if len(c) >= 2]
+    return BlockChain([n.target for n in path], hidden_in, hidden_out, rejected)

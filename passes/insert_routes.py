@@ -88,12 +88,10 @@ def _data_flow(graph: fx.Graph, side_outputs: set[fx.Node]) -> nx.DiGraph:
     return g
 
 
-def _side_outputs(blocks: Sequence[fx.Node], hidden_out: int | None) -> set[fx.Node]:
+def _side_outputs(blocks: Sequence[fx.Node], hidden_out: Sequence[int | None]) -> set[fx.Node]:
     """Tuple elements of block outputs other than the hidden state (other streams, gates)."""
-    if hidden_out is None:
-        return set()
-    return {u for b in blocks for u in b.users
-            if u.op == "call_function" and u.args[1] != hidden_out}
+    return {u for b, out in zip(blocks, hidden_out) if out is not None for u in b.users
+            if u.op == "call_function" and u.args[1] != out}
 
 
 def _check_no_escape(graph: fx.Graph, gather: fx.Node, scatter: fx.Node, label: str,
@@ -126,14 +124,14 @@ def insert_routes(graph: fx.Graph, chain: BlockChain, routes: Sequence[Route]) -
         covered = tuple(chain.targets[route.start:route.end + 1])
         label = f"route {i} ({route}, blocks {covered[0]}..{covered[-1]})"
         meta = {"route_index": i, "route": route, "blocks": covered, "label": label}
-        x_in = _hidden_input(first, chain.hidden_in)
+        x_in = _hidden_input(first, chain.hidden_in[route.start])
         with graph.inserting_before(first):
             select = graph.create_node("call_module", selector_target(i), (x_in,), {},
                                        name=f"tread_select_{i}")
             gather = graph.create_node("call_function", gather_tokens, (x_in, select), {},
                                        name=f"tread_gather_{i}")
-        _set_hidden_input(first, chain.hidden_in, gather)
-        out = _hidden_output(last, chain.hidden_out)
+        _set_hidden_input(first, chain.hidden_in[route.start], gather)
+        out = _hidden_output(last, chain.hidden_out[route.end])
         with graph.inserting_after(out):
             scatter = graph.create_node("call_function", scatter_tokens,
                                         (x_in, out, select, label), {},
@@ -142,7 +140,8 @@ def insert_routes(graph: fx.Graph, chain: BlockChain, routes: Sequence[Route]) -
         for node, role in ((select, "select"), (gather, "gather"), (scatter, "scatter")):
             node.meta[TREAD_META] = {**meta, "role": role}
         _check_no_escape(graph, gather, scatter, label,
-                         _side_outputs(blocks[route.start:route.end + 1], chain.hidden_out))
+                         _side_outputs(blocks[route.start:route.end + 1],
+                                       chain.hidden_out[route.start:route.end + 1]))
         inserted.append(meta)
     graph.lint()
     return inserted

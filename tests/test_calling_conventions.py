@@ -109,3 +109,38 @@ def test_routes_other_calling_conventions(model, inputs, blocks):
 def test_ambiguous_streams_are_refused_not_guessed():
     with pytest.raises(tread_fx.NoBlocksFound, match=r"several streams .* ambiguous"):
         tread_fx.route(TwoStreams(), "1:2@0.5")
+
+
+def test_hidden_option_names_the_token_stream():
+    model = TwoStreams()
+    x, ctx = torch.randn(2, 10, 8), torch.randn(2, 3, 8)
+    routed = tread_fx.route(model, "1:2@0.5", hidden=0).train()
+    seen = block_token_counts(routed, list(model.blocks), lambda: routed(x, ctx))
+    assert seen == [10, 5, 5, 10]
+    ctx_seen = []
+    model.blocks[1].register_forward_pre_hook(lambda m, a: ctx_seen.append(a[1].shape))
+    routed(x, ctx)
+    assert ctx_seen == [(2, 3, 8)]  # the other stream passes untouched
+
+
+class InOutBlocks(nn.Module):
+    """Encoder blocks, one mid block and decoder blocks of other shapes (U-ViT-like)."""
+
+    def __init__(self):
+        super().__init__()
+        self.down = nn.ModuleList(Block() for _ in range(2))
+        self.mid = Block()
+        self.up = nn.ModuleList(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8)) for _ in range(2))
+
+    def forward(self, x):
+        for b in self.down:
+            x = b(x)
+        x = self.mid(x)
+        for b in self.up:
+            x = b(x)
+        return x
+
+
+def test_chain_spans_block_kinds_and_a_lone_mid_block():
+    routed = tread_fx.route(InOutBlocks(), "1:3@0.5")
+    assert routed.block_chain == ("down.0", "down.1", "mid", "up.0", "up.1")

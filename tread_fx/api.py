@@ -41,7 +41,7 @@ def _graphs_of(model: nn.Module, spec: RouteSpec) -> tuple[dict[str, fx.Graph], 
     groups = find_candidates(model, spec.blocks)
     if graphs is None:
         graphs = trace_modes(model, [model.get_submodule(n) for g in groups for n in g.names])
-    chain = find_block_chain(graphs["train"], groups)
+    chain = find_block_chain(graphs["train"], groups, spec.hidden)
     return graphs, chain
 
 
@@ -103,7 +103,7 @@ def _record_token_counts(routed: TreadGraphModule, example_inputs: Any) -> None:
 
 def route(model: nn.Module, spec: Any, example_inputs: Any = None, *,
           keep_order: bool | None = None, seed: int | None = None,
-          blocks: str | None = None) -> TreadGraphModule:
+          blocks: str | None = None, hidden: str | int | None = None) -> TreadGraphModule:
     """Return a routed copy of ``model`` that trains with TREAD token routing.
 
     Args:
@@ -118,13 +118,14 @@ def route(model: nn.Module, spec: Any, example_inputs: Any = None, *,
         example_inputs: optional tuple of positional or dict of keyword arguments; when
             given, every route's kept count is validated for the actual token count now
             rather than at the first training step.
-        keep_order, seed, blocks: override the spec's options (see :class:`RouteSpec`).
+        keep_order, seed, blocks, hidden: override the spec's options (see
+            :class:`RouteSpec`).
 
     The result shares the model's parameters and buffers (identical ``state_dict`` keys)
     and leaves the model itself as it was.  It routes in ``train()`` mode only; in
     ``eval()`` mode it computes exactly what the model computes.
     """
-    spec = parse_spec(spec, keep_order=keep_order, seed=seed, blocks=blocks)
+    spec = parse_spec(spec, keep_order=keep_order, seed=seed, blocks=blocks, hidden=hidden)
     graphs, chain = _graphs_of(model, spec)
     where = f"the block sequence {chain.targets[0]}..{chain.targets[-1]}"
     spec = spec.resolve(len(chain), where)

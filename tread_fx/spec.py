@@ -51,12 +51,15 @@ class RouteSpec:
             torch's global generator (reproducible with ``torch.manual_seed``).
         blocks: dotted path of the module that holds the block sequence (e.g. ``"blocks"``)
             to override automatic discovery.
+        hidden: the block argument (keyword name or position) that carries the token
+            stream, for blocks that pass several streams on (text and image).
     """
 
     routes: tuple[Route, ...]
     keep_order: bool = True
     seed: int | None = None
     blocks: str | None = None
+    hidden: str | int | None = None
 
     def __str__(self) -> str:
         return ",".join(str(r) for r in self.routes)
@@ -201,6 +204,9 @@ def _route_from_any(item: Any, i: int) -> Route:
     )
 
 
+_OPTIONS = ("keep_order", "seed", "blocks", "hidden")
+
+
 def parse_spec(spec: Any, **options: Any) -> RouteSpec:
     """Turn any accepted form of a route spec into a validated :class:`RouteSpec`.
 
@@ -211,16 +217,14 @@ def parse_spec(spec: Any, **options: Any) -> RouteSpec:
         base = spec
         routes: Iterable[Any] = spec.routes
     elif isinstance(spec, Mapping) and "routes" in spec:
-        extra = sorted(set(spec) - {"routes", "keep_order", "seed", "blocks"})
+        extra = sorted(set(spec) - {"routes", *_OPTIONS})
         if extra:
             raise ValueError(
                 f"route spec: unknown field(s) {extra}; expected routes, keep_order, seed, blocks"
             )
         base = RouteSpec(
             routes=(),
-            keep_order=spec.get("keep_order", True),
-            seed=spec.get("seed"),
-            blocks=spec.get("blocks"),
+            **{k: spec[k] for k in _OPTIONS if k in spec},
         )
         routes = spec["routes"]
         if isinstance(routes, str):
@@ -249,7 +253,7 @@ def parse_spec(spec: Any, **options: Any) -> RouteSpec:
             f"(for dense training use the model itself)"
         )
     overrides = {k: v for k, v in options.items() if v is not None}
-    unknown = sorted(set(overrides) - {"keep_order", "seed", "blocks"})
+    unknown = sorted(set(overrides) - set(_OPTIONS))
     if unknown:
         raise TypeError(f"route spec: unknown option(s) {unknown}")
     out = replace(base, routes=parsed, **overrides)
