@@ -21,7 +21,7 @@ from typing import Sequence
 import networkx as nx
 from torch import fx
 
-from tread_fx.runtime import gather_tokens, scatter_tokens
+from tread_fx.runtime import check_side_output, gather_tokens, scatter_tokens
 from tread_fx.spec import Route
 
 from .find_blocks import BlockChain
@@ -115,6 +115,22 @@ def _check_no_escape(graph: fx.Graph, gather: fx.Node, scatter: fx.Node, label: 
                 )
 
 
+def _guard_side_outputs(graph: fx.Graph, side: set[fx.Node], span: set[fx.Node],
+                        x_in: fx.Node, select: fx.Node, label: str) -> None:
+    """Side outputs used outside the route go through a run-time token-axis check."""
+    for node in sorted(side, key=lambda n: list(graph.nodes).index(n)):
+        outside = [u for u in node.users if u not in span]
+        if not outside:
+            continue
+        with graph.inserting_after(node):
+            guard = graph.create_node("call_function", check_side_output,
+                                      (node, x_in, select, label), {},
+                                      name=f"{node.name}_checked")
+        guard.meta[TREAD_META] = {**select.meta[TREAD_META], "role": "check"}
+        for user in outside:
+            user.replace_input_with(node, guard)
+
+
 def insert_routes(graph: fx.Graph, chain: BlockChain, routes: Sequence[Route]) -> list[dict]:
     """Rewrite ``graph`` in place; returns the metadata of each inserted route."""
     blocks = _block_nodes(graph, chain.targets)
@@ -139,9 +155,11 @@ def insert_routes(graph: fx.Graph, chain: BlockChain, routes: Sequence[Route]) -
         out.replace_all_uses_with(scatter, delete_user_cb=lambda user: user is not scatter)
         for node, role in ((select, "select"), (gather, "gather"), (scatter, "scatter")):
             node.meta[TREAD_META] = {**meta, "role": role}
-        _check_no_escape(graph, gather, scatter, label,
-                         _side_outputs(blocks[route.start:route.end + 1],
-                                       chain.hidden_out[route.start:route.end + 1]))
+        side = _side_outputs(blocks[route.start:route.end + 1],
+                             chain.hidden_out[route.start:route.end + 1])
+        _check_no_escape(graph, gather, scatter, label, side)
+        _guard_side_outputs(graph, side, set(blocks[route.start:route.end + 1]),
+                            x_in, select, label)
         inserted.append(meta)
     graph.lint()
     return inserted

@@ -12,11 +12,13 @@ __all__ = ["remove_routes"]
 def remove_routes(graph: fx.Graph) -> int:
     """Reconnect the graph as it was before :func:`insert_routes`; returns routes removed."""
     nodes = [n for n in graph.nodes if TREAD_META in n.meta]
-    for role in ("scatter", "gather", "select"):
+    for role in ("check", "scatter", "gather", "select"):
         for node in nodes:
             if node.meta[TREAD_META]["role"] != role:
                 continue
-            if role == "scatter":
+            if role == "check":
+                node.replace_all_uses_with(node.args[0])   # the side output itself
+            elif role == "scatter":
                 node.replace_all_uses_with(node.args[1])   # the last block's own output
             elif role == "gather":
                 node.replace_all_uses_with(node.args[0])   # the tensor that entered the route

@@ -1,24 +1,54 @@
-"""Front end: trace a model into a module-level fx graph with its blocks as leaves.
+"""Front ends: trace a model into a module-level fx graph with its blocks as leaves.
 
 Blocks stay ``call_module`` nodes, so each block's own code runs unchanged and the rewrite
 only has to work at the level of the block sequence.  The model is traced once per mode
 (``train`` and ``eval``): code outside the blocks may branch on ``self.training`` (label
 dropout in DiT, for instance), and each mode gets the graph of its own branch.
+
+Two front ends produce the same kind of graph:
+
+* ``fx``: ``torch.fx`` symbolic tracing.  Needs no inputs and gives a graph for any shape,
+  but fails on Python that branches on shapes (``if x.ndim == 4``, ``int(n ** 0.5)``),
+  which diffusers models are full of.
+* ``concrete``: the same tracer, but every proxy also carries the real value computed on
+  the example inputs, so ``len(x.shape)``, ``x.ndim``, ``int(...)``, ``bool(...)`` and
+  ``if`` on shapes see plain Python values.  The graph is specialised to the example's
+  input shapes (the routed module checks them at every call).
 """
 
 from __future__ import annotations
 
+import inspect
+import operator
+import sys
 from contextlib import contextmanager
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 from torch import fx, nn
+from torch.fx.node import map_aggregate
 
-__all__ = ["TraceError", "trace_modes", "preserved_modes"]
+__all__ = ["TraceError", "Traced", "trace_modes", "preserved_modes", "bind_inputs"]
+
+_VALUE = "tread_concrete_value"
+# Tensor metadata that is read as a plain value while tracing concretely.
+_CONCRETE_ATTRS = {"dtype", "device", "layout", "ndim", "is_cuda", "requires_grad",
+                   "is_sparse", "is_quantized", "is_meta"}
 
 
 class TraceError(RuntimeError):
     """The model could not be traced into a graph."""
+
+
+class Traced:
+    """What a front end produced: one graph per mode, and the constants it created."""
+
+    def __init__(self, graphs: dict[str, fx.Graph], front_end: str,
+                 constants: dict[str, torch.Tensor], input_shapes: dict | None) -> None:
+        self.graphs = graphs
+        self.front_end = front_end
+        self.constants = constants
+        self.input_shapes = input_shapes
 
 
 class _LeafTracer(fx.Tracer):
@@ -27,7 +57,118 @@ class _LeafTracer(fx.Tracer):
         self._leaf_ids = {id(m) for m in leaves}
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return id(m) in self._leaf_ids or super().is_leaf_module(m, module_qualified_name)
+        # A module with hooks stays a call, so its hooks keep firing at run time instead
+        # of being baked into the graph.
+        return (id(m) in self._leaf_ids or _has_hooks(m)
+                or super().is_leaf_module(m, module_qualified_name))
+
+    def call_module(self, m, forward, args, kwargs):
+        if id(m) in self._leaf_ids and _inside_checkpoint():
+            raise TraceError(
+                f"{type(m).__name__} is called through torch.utils.checkpoint in the model's "
+                f"forward; tracing would silently drop the checkpointing. Checkpoint inside "
+                f"the block's own forward instead, or turn it off before route()")
+        return super().call_module(m, forward, args, kwargs)
+
+
+def _has_hooks(m: nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks)
+
+
+def _inside_checkpoint() -> bool:
+    frame = sys._getframe(2)
+    for _ in range(40):
+        if frame is None:
+            return False
+        if frame.f_code.co_filename.endswith(("utils/checkpoint.py", "utils\\checkpoint.py")):
+            return True
+        frame = frame.f_back
+    return False
+
+
+class _Concrete:
+    """Python conversions answered from the real value instead of failing."""
+
+    @property
+    def concrete(self) -> Any:
+        return self.node.meta[_VALUE]
+
+    def __bool__(self) -> bool:
+        return bool(self.concrete)
+
+    def __int__(self) -> int:
+        return int(self.concrete)
+
+    def __index__(self) -> int:
+        return operator.index(self.concrete)
+
+    def __float__(self) -> float:
+        return float(self.concrete)
+
+    def __len__(self) -> int:
+        return len(self.concrete)
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self.concrete)))
+
+    def __contains__(self, item) -> bool:
+        return item in self.concrete
+
+    def keys(self):
+        return self.concrete.keys()
+
+    def __getattr__(self, name: str):
+        if name in _CONCRETE_ATTRS:
+            return getattr(self.concrete, name)
+        return _ConcreteAttribute(self, name)
+
+
+class _ConcreteProxy(_Concrete, fx.Proxy):
+    pass
+
+
+class _ConcreteAttribute(_Concrete, fx.proxy.Attribute):
+    @property
+    def concrete(self) -> Any:
+        return getattr(self.root.concrete, self.attr)
+
+
+class _ConcreteTracer(_LeafTracer):
+    """Leaf tracer whose nodes carry the values computed on the example inputs."""
+
+    def __init__(self, leaves: Iterable[nn.Module], inputs: Mapping[str, Any]) -> None:
+        super().__init__(leaves)
+        self._inputs = inputs
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _ConcreteProxy(node, self)
+
+    def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):
+        node = super().create_node(kind, target, args, kwargs, name, type_expr)
+        if kind == "placeholder":
+            default = args[0] if args else None
+            node.meta[_VALUE] = self._inputs.get(str(target).lstrip("*"), default)
+        elif kind != "output":
+            node.meta[_VALUE] = self._run(node)
+        return node
+
+    def _run(self, node: fx.Node) -> Any:
+        def value(n: fx.Node) -> Any:
+            return n.meta[_VALUE]
+
+        args = fx.node.map_arg(node.args, value)
+        kwargs = fx.node.map_arg(node.kwargs, value)
+        with torch.no_grad():
+            if node.op == "get_attr":
+                obj = self.root
+                for part in str(node.target).split("."):
+                    obj = getattr(obj, part)
+                return obj
+            if node.op == "call_function":
+                return node.target(*args, **kwargs)
+            if node.op == "call_method":
+                return getattr(args[0], node.target)(*args[1:], **kwargs)
+            return self.root.get_submodule(node.target)(*args, **kwargs)
 
 
 @contextmanager
@@ -41,24 +182,70 @@ def preserved_modes(model: nn.Module) -> Iterator[None]:
             m.training = flag
 
 
-def trace_modes(model: nn.Module, leaves: Iterable[nn.Module]) -> dict[str, fx.Graph]:
-    """``{"train": graph, "eval": graph}`` of ``model`` with ``leaves`` as leaf modules.
+def bind_inputs(model: nn.Module, example_inputs: Any) -> dict[str, Any]:
+    """Example inputs (tuple, dict or tensor) as ``{forward parameter name: value}``."""
+    sig = inspect.signature(model.forward)
+    if isinstance(example_inputs, Mapping):
+        args, kwargs = (), dict(example_inputs)
+    elif isinstance(example_inputs, torch.Tensor):
+        args, kwargs = (example_inputs,), {}
+    else:
+        args, kwargs = tuple(example_inputs), {}
+    try:
+        bound = sig.bind(*args, **kwargs)
+    except TypeError as err:
+        raise ValueError(f"example_inputs do not fit {type(model).__name__}.forward"
+                         f"{sig}: {err}") from None
+    return dict(bound.arguments)
 
-    The model's mode flags are restored afterwards; nothing else about it is touched.
+
+def _shape_tree(value: Any) -> Any:
+    return map_aggregate(value, lambda v: tuple(v.shape) if isinstance(v, torch.Tensor) else None)
+
+
+def trace_modes(model: nn.Module, leaves: Iterable[nn.Module],
+                example_inputs: Any = None) -> Traced:
+    """Trace ``model`` in train and eval mode with ``leaves`` as leaf modules.
+
+    Tries torch.fx first; if it fails and ``example_inputs`` are given, traces concretely
+    on them.  The model's mode flags and random state are restored afterwards, and any
+    constant the tracer had to store on the model is taken off it again.
     """
     leaves = list(leaves)
+    try:
+        return _trace(model, lambda: _LeafTracer(leaves), None, "fx")
+    except TraceError as fx_error:
+        if example_inputs is None:
+            raise TraceError(
+                f"{fx_error} -- or pass example_inputs=(...) to route(), so the model is "
+                f"traced on real values (a graph specialised to those input shapes)"
+            ) from fx_error.__cause__
+        inputs = bind_inputs(model, example_inputs)
+        concrete = {k: v for k, v in inputs.items() if not isinstance(v, torch.Tensor)}
+        return _trace(model, lambda: _ConcreteTracer(leaves, inputs), concrete, "concrete",
+                      {k: _shape_tree(v) for k, v in inputs.items()})
+
+
+def _trace(model: nn.Module, make_tracer, concrete_args, front_end: str,
+           input_shapes: dict | None = None) -> Traced:
+    before = set(vars(model))
     graphs = {}
-    with preserved_modes(model):
-        for mode in ("train", "eval"):
-            model.train(mode == "train")
-            try:
-                graphs[mode] = _LeafTracer(leaves).trace(model)
-            except Exception as err:  # noqa: BLE001 - re-raised with context
-                raise TraceError(
-                    f"torch.fx could not trace {type(model).__name__} in {mode} mode: "
-                    f"{type(err).__name__}: {err}. Code outside the blocks must not branch "
-                    f"on tensor shapes or values (e.g. int(x.shape[1] ** 0.5), assert on "
-                    f"shapes); trace the model yourself into a torch.fx.GraphModule with the "
-                    f"blocks as leaf modules and pass that instead"
-                ) from err
-    return graphs
+    try:
+        with preserved_modes(model), torch.random.fork_rng(devices=[]):
+            for mode in ("train", "eval"):
+                model.train(mode == "train")
+                try:
+                    graphs[mode] = make_tracer().trace(model, concrete_args=concrete_args)
+                except Exception as err:  # noqa: BLE001 - re-raised with context
+                    raise TraceError(
+                        f"{'torch.fx' if front_end == 'fx' else 'concrete tracing'} could not "
+                        f"trace {type(model).__name__} in {mode} mode: "
+                        f"{type(err).__name__}: {err}"
+                    ) from err
+    finally:
+        added = {k: model.__dict__.pop(k) for k in set(vars(model)) - before}
+    for graph in graphs.values():
+        for node in graph.nodes:
+            node.meta.pop(_VALUE, None)
+    constants = {k: v for k, v in added.items() if isinstance(v, torch.Tensor)}
+    return Traced(graphs, front_end, constants, input_shapes)

@@ -72,3 +72,8 @@ def test_resolve_negative_indices():
 def test_resolve_errors(spec, message):
     with pytest.raises(ValueError, match=message):
         parse_spec(spec).resolve(12)
+
+
+def test_single_route_dict_under_routes():
+    spec = parse_spec({"routes": {"selection_ratio": 0.5, "start_layer_idx": 2, "end_layer_idx": 8}})
+    assert spec.routes == (Route(2, 8, 0.5),)

@@ -9,10 +9,11 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 from torch import fx, nn
 
-from tread_fx.passes.find_blocks import BlockChain, find_block_chain, find_candidates
+from tread_fx.passes.find_blocks import (BlockChain, NoBlocksFound, find_block_chain,
+                                         find_candidates)
 from tread_fx.passes.insert_routes import TREAD_META, insert_routes
 from tread_fx.passes.remove_routes import remove_routes
-from tread_fx.passes.trace import preserved_modes, trace_modes
+from tread_fx.passes.trace import Traced, preserved_modes, trace_modes
 
 from .module import TreadGraphModule
 from .runtime import TokenSelector
@@ -26,7 +27,34 @@ def is_routed(model: nn.Module) -> bool:
     return isinstance(model, TreadGraphModule) and len(model._tread._modules) > 0
 
 
-def _graphs_of(model: nn.Module, spec: RouteSpec) -> tuple[dict[str, fx.Graph], BlockChain]:
+def _check_chain(chain: BlockChain, groups, graphs: dict[str, fx.Graph], hidden) -> None:
+    """Refuse chains whose indices would silently differ from the user's block indices."""
+    in_chain = set(chain.targets)
+    called = {n.target for n in graphs["train"].nodes if n.op == "call_module"}
+    for group in groups:
+        if not in_chain & set(group.names):
+            continue
+        missing = [n for n in group.names if n in called and n not in in_chain]
+        if missing:
+            raise NoBlocksFound(
+                f"{', '.join(missing)} belong(s) with the block sequence "
+                f"{chain.targets[0]}..{chain.targets[-1]} but not to its chain: the output "
+                f"does not reach the next block directly (an operation sits in between), so "
+                f"route indices would not match the blocks' own indices. Give blocks='<path>' "
+                f"a container that holds only the chained blocks, or move the operation into "
+                f"a block"
+            )
+    if "eval" in graphs:
+        eval_chain = find_block_chain(graphs["eval"], groups, hidden)
+        if eval_chain.targets != chain.targets:
+            raise NoBlocksFound(
+                f"the train-mode trace calls blocks {chain.targets} but the eval-mode trace "
+                f"calls {eval_chain.targets}; Python-level randomness or mode checks around "
+                f"the block calls (e.g. LayerDrop) cannot be routed. Move them into the blocks"
+            )
+
+
+def _graphs_of(model: nn.Module, spec: RouteSpec, example_inputs: Any):
     """Trace (or take) the model's graphs and find its block chain."""
     if isinstance(model, TreadGraphModule):
         graphs = {"train": copy.deepcopy(model.graph)}
@@ -34,15 +62,23 @@ def _graphs_of(model: nn.Module, spec: RouteSpec) -> tuple[dict[str, fx.Graph], 
             graphs["eval"] = copy.deepcopy(model._eval_graph)
         for g in graphs.values():
             remove_routes(g)
+        traced = Traced(graphs, model.__dict__.get("front_end", "fx"), {},
+                        model.__dict__.get("input_shapes"))
     elif isinstance(model, fx.GraphModule):
-        graphs = {"train": copy.deepcopy(model.graph)}
+        traced = Traced({"train": copy.deepcopy(model.graph)}, "user", {}, None)
     else:
-        graphs = None
+        traced = None
     groups = find_candidates(model, spec.blocks)
-    if graphs is None:
-        graphs = trace_modes(model, [model.get_submodule(n) for g in groups for n in g.names])
-    chain = find_block_chain(graphs["train"], groups, spec.hidden)
-    return graphs, chain
+    if traced is None:
+        leaves = [model.get_submodule(n) for g in groups for n in g.names]
+        traced = trace_modes(model, leaves, example_inputs)
+        for g in traced.graphs.values():   # constants live under _tread in the routed module
+            for node in g.nodes:
+                if node.op == "get_attr" and node.target in traced.constants:
+                    node.target = f"_tread.{node.target}"
+    chain = find_block_chain(traced.graphs["train"], groups, spec.hidden)
+    _check_chain(chain, groups, traced.graphs, spec.hidden)
+    return traced, chain
 
 
 def _example_args(graph: fx.Graph, example_inputs: Any) -> tuple:
@@ -126,7 +162,8 @@ def route(model: nn.Module, spec: Any, example_inputs: Any = None, *,
     ``eval()`` mode it computes exactly what the model computes.
     """
     spec = parse_spec(spec, keep_order=keep_order, seed=seed, blocks=blocks, hidden=hidden)
-    graphs, chain = _graphs_of(model, spec)
+    traced, chain = _graphs_of(model, spec, example_inputs)
+    graphs = traced.graphs
     where = f"the block sequence {chain.targets[0]}..{chain.targets[-1]}"
     spec = spec.resolve(len(chain), where)
     selectors = {}
@@ -137,9 +174,12 @@ def route(model: nn.Module, spec: Any, example_inputs: Any = None, *,
                 i, meta["route"], meta["blocks"], spec.keep_order, spec.seed))
     routed = TreadGraphModule(model, graphs["train"], graphs.get("eval"), selectors,
                               class_name=f"Routed{type(model).__name__}".replace(
-                                  "RoutedRouted", "Routed"))
+                                  "RoutedRouted", "Routed"),
+                              constants=traced.constants)
     routed.block_chain = tuple(chain.targets)
     routed.route_spec = spec
+    routed.front_end = traced.front_end
+    routed.input_shapes = traced.input_shapes
     if example_inputs is not None:
         _record_token_counts(routed, example_inputs)
     return routed

@@ -11,6 +11,27 @@ from torch import fx, nn
 
 __all__ = ["TreadGraphModule"]
 
+_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+               "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_state_dict_hooks",
+               "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
+               "_load_state_dict_post_hooks")
+# Attributes route() sets that copies must keep.
+_EXTRA_ATTRS = ("block_chain", "route_spec", "front_end", "input_shapes")
+
+
+def _get_path(obj, path: str):
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _has_path(obj, path: str) -> bool:
+    try:
+        _get_path(obj, path)
+    except AttributeError:
+        return False
+    return True
+
 
 def _compile_graph(graph: fx.Graph, filename: str):
     code = graph.python_code(root_module="self")
@@ -33,19 +54,34 @@ class TreadGraphModule(fx.GraphModule):
 
     def __init__(self, root: nn.Module, graph: fx.Graph, eval_graph: fx.Graph | None = None,
                  selectors: dict[str, nn.Module] | None = None,
-                 class_name: str | None = None) -> None:
+                 class_name: str | None = None,
+                 constants: dict[str, torch.Tensor] | None = None) -> None:
         self._eval_graph = None
         super().__init__(nn.Module(), fx.Graph(), class_name or type(root).__name__)
-        # Adopt the root's own state and children: the same objects, in the same order.
-        self._parameters = OrderedDict(root._parameters)
-        self._buffers = OrderedDict(root._buffers)
-        self._non_persistent_buffers_set = set(root._non_persistent_buffers_set)
+        # Adopt the root's own state: the very same parameter and buffer dicts (so .to()
+        # and load_state_dict act on both) and the same child modules, in the same order.
+        self._parameters = root._parameters
+        self._buffers = root._buffers
+        self._non_persistent_buffers_set = root._non_persistent_buffers_set
         self._modules = OrderedDict((k, v) for k, v in root._modules.items() if k != "_tread")
+        for name in _HOOK_DICTS:
+            setattr(self, name, OrderedDict(getattr(root, name)))
+        # What only the routed module has lives under _tread: the selectors (no state) and
+        # tensors the tracer had to store (non-persistent buffers).
         tread = nn.Module()
         for name, module in (selectors or {}).items():
             tread.add_module(name, module)
+        old = root._modules.get("_tread")
+        for name, value in dict(constants or {}, **({} if old is None else dict(
+                old._buffers))).items():
+            tread.register_buffer(name, value, persistent=False)
         self._modules["_tread"] = tread
         self.training = root.training
+        tread.train(root.training)
+        for g in (graph, eval_graph):
+            for node in [] if g is None else g.nodes:
+                if node.op == "get_attr" and not _has_path(self, node.target):
+                    setattr(self, node.target, _get_path(root, node.target))
         self._eval_graph = eval_graph
         if eval_graph is not None:
             eval_graph.owning_module = self
@@ -94,6 +130,12 @@ class TreadGraphModule(fx.GraphModule):
         return [self.graph] if self._eval_graph is None else [self.graph, self._eval_graph]
 
     # -- copying ------------------------------------------------------------------------
+    def _copy_extras_to(self, other: "TreadGraphModule") -> "TreadGraphModule":
+        for name in _EXTRA_ATTRS:
+            if name in self.__dict__:
+                setattr(other, name, copy.copy(self.__dict__[name]))
+        return other
+
     def __deepcopy__(self, memo: dict[int, Any]) -> "TreadGraphModule":
         tree = nn.Module()
         tree._parameters = self._parameters
@@ -102,13 +144,27 @@ class TreadGraphModule(fx.GraphModule):
         tree._modules = self._modules
         tree.training = self.training
         tree_copy = copy.deepcopy(tree, memo)
-        selectors = dict(tree_copy._modules.pop("_tread")._modules)
+        tread = tree_copy._modules["_tread"]
         res = TreadGraphModule(
             tree_copy, copy.deepcopy(self.graph, memo),
             None if self._eval_graph is None else copy.deepcopy(self._eval_graph, memo),
-            selectors, type(self).__name__)
+            dict(tread._modules), type(self).__name__)
         memo[id(self)] = res
-        return res
+        return self._copy_extras_to(res)
+
+    def __copy__(self) -> "TreadGraphModule":
+        res = TreadGraphModule(self, self.graph, self._eval_graph, dict(self._tread._modules),
+                               type(self).__name__)
+        return self._copy_extras_to(res)
+
+    def _replicate_for_data_parallel(self) -> "TreadGraphModule":
+        # Like nn.Module's: the replica gets its own dicts, which replicate() fills.
+        replica = self.__copy__()
+        replica._parameters = OrderedDict()
+        replica._buffers = OrderedDict(self._buffers)
+        replica._non_persistent_buffers_set = set(self._non_persistent_buffers_set)
+        object.__setattr__(replica, "_is_replica", True)
+        return replica
 
     def __reduce__(self):
         raise TypeError(

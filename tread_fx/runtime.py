@@ -17,7 +17,8 @@ from torch import nn
 
 from .spec import Route, check_ratio, kept_count
 
-__all__ = ["TokenSelector", "gather_tokens", "scatter_tokens", "select_tokens"]
+__all__ = ["TokenSelector", "check_side_output", "gather_tokens", "scatter_tokens",
+           "select_tokens"]
 
 
 def select_tokens(
@@ -82,6 +83,24 @@ def scatter_tokens(
     if full.dtype != kept.dtype:
         full = full.to(kept.dtype)
     return full.scatter(1, _expand_index(indices, kept), kept)
+
+
+def check_side_output(value, full: torch.Tensor, indices: torch.Tensor | None,
+                      label: str = "route"):
+    """Pass a block's side output out of a route, unless it is on the kept-token axis.
+
+    A block's other outputs (a text stream, a gate) may leave the route; a tensor with the
+    kept tokens on axis 1 may not, since it would silently carry only the kept tokens.
+    """
+    if indices is None or not isinstance(value, torch.Tensor) or value.dim() < 2:
+        return value
+    kept, total = indices.shape[1], full.shape[1]
+    if kept != total and value.shape[1] == kept and value.shape[0] == full.shape[0]:
+        raise RuntimeError(
+            f"{label}: a block output of shape {tuple(value.shape)} leaves the route with the "
+            f"{kept} kept tokens on axis 1 (of {total}); it cannot be used outside the route. "
+            f"End the route before that block, or use only its hidden-state output")
+    return value
 
 
 class TokenSelector(nn.Module):

@@ -227,7 +227,7 @@ def parse_spec(spec: Any, **options: Any) -> RouteSpec:
             **{k: spec[k] for k in _OPTIONS if k in spec},
         )
         routes = spec["routes"]
-        if isinstance(routes, str):
+        if isinstance(routes, (str, Mapping, Route)):
             routes = [routes]
     elif isinstance(spec, str):
         base = RouteSpec(routes=())
