@@ -12,6 +12,7 @@ Two steps:
 
 from __future__ import annotations
 
+import inspect
 import operator
 from dataclasses import dataclass, field
 from typing import Any, Union
@@ -116,10 +117,19 @@ def find_candidates(model: nn.Module, container: str | None = None) -> list[Cand
             if not any(g.names[0].startswith(m + ".") for m in grouped)]
 
 
-def _arg_keys(node: fx.Node, value: fx.Node) -> list[ArgKey]:
-    keys: list[ArgKey] = [i for i, a in enumerate(node.args) if a is value]
-    keys += [k for k, a in node.kwargs.items() if a is value]
+def _arg_keys(node: fx.Node, value: fx.Node, names: list[str]) -> list[tuple[ArgKey, str]]:
+    """(where, parameter name) of each argument of ``node`` that is ``value``."""
+    keys = [(i, names[i] if i < len(names) else str(i))
+            for i, a in enumerate(node.args) if a is value]
+    keys += [(k, k) for k, a in node.kwargs.items() if a is value]
     return keys
+
+
+def _param_names(module: nn.Module) -> list[str]:
+    try:
+        return list(inspect.signature(module.forward).parameters)
+    except (TypeError, ValueError):
+        return []
 
 
 def _outputs(node: fx.Node) -> list[tuple[int | None, fx.Node]]:
@@ -133,19 +143,19 @@ def _outputs(node: fx.Node) -> list[tuple[int | None, fx.Node]]:
 
 
 def _edge_key(keys: set, hidden: ArgKey | None) -> tuple | None | str:
-    """The (output index, argument) pair that carries the hidden state along one edge."""
+    """The (output index, argument, name) that carries the hidden state along one edge."""
     if hidden is not None:
-        keys = {k for k in keys if k[1] == hidden}
+        keys = {k for k in keys if hidden in (k[1], k[2])}
     if len(keys) == 1:
         return next(iter(keys))
-    named = {k for k in keys if k[1] in HIDDEN_NAMES}
+    named = {k for k in keys if k[2] in HIDDEN_NAMES}
     if len(named) == 1:
         return next(iter(named))
     return "ambiguous" if keys else None
 
 
 def find_block_chain(graph: fx.Graph, groups: list[CandidateGroup],
-                     hidden: ArgKey | None = None) -> BlockChain:
+                     hidden: ArgKey | None = None, root: nn.Module | None = None) -> BlockChain:
     """The longest chain of candidate blocks in which each block feeds the next.
 
     One networkx DAG holds every call of every candidate block; an edge links a block to a
@@ -169,13 +179,14 @@ def find_block_chain(graph: fx.Graph, groups: list[CandidateGroup],
         for out_index, value in _outputs(block):
             for user in value.users:
                 if user in call_set:
+                    names = _param_names(root.get_submodule(user.target)) if root else []
                     edges.setdefault(user, set()).update(
-                        (out_index, key) for key in _arg_keys(user, value))
+                        (out_index, key, name) for key, name in _arg_keys(user, value, names))
         for user, keys in edges.items():
             key = _edge_key(keys, hidden)
             if key == "ambiguous":
-                streams = ", ".join(f"output {'' if o is None else f'[{o}] '}-> argument {k!r}"
-                                    for o, k in sorted(keys, key=str))
+                streams = ", ".join(f"output {'' if o is None else f'[{o}] '}-> argument {n!r}"
+                                    for o, k, n in sorted(keys, key=str))
                 ambiguous.append(f"{block.target} -> {user.target} pass several streams "
                                  f"({streams})")
             elif key is not None:

@@ -21,10 +21,12 @@ from typing import Sequence
 import networkx as nx
 from torch import fx
 
-from tread_fx.runtime import check_side_output, gather_tokens, scatter_tokens
-from tread_fx.spec import Route
+from tread_fx.runtime import (check_side_input, check_side_output, gather_side, gather_tokens,
+                              scatter_tokens)
+from tread_fx.spec import Route, kept_count
 
 from .find_blocks import BlockChain
+from .token_axes import RoutePlan, _block_nodes, _hidden_input, _hidden_output, plan_routes
 
 __all__ = ["RouteEscapeError", "insert_routes", "selector_target", "TREAD_META"]
 
@@ -39,25 +41,6 @@ def selector_target(index: int) -> str:
     return f"_tread.select_{index}"
 
 
-def _block_nodes(graph: fx.Graph, targets: Sequence[str]) -> list[fx.Node]:
-    by_target: dict[str, list[fx.Node]] = {}
-    for n in graph.nodes:
-        if n.op == "call_module":
-            by_target.setdefault(n.target, []).append(n)
-    nodes = []
-    for t in targets:
-        found = by_target.get(t, [])
-        if len(found) != 1:
-            raise ValueError(f"block {t!r} is called {len(found)} times in the graph; "
-                             f"tread_fx routes blocks that are called exactly once")
-        nodes.append(found[0])
-    return nodes
-
-
-def _hidden_input(node: fx.Node, key) -> fx.Node:
-    return node.args[key] if isinstance(key, int) else node.kwargs[key]
-
-
 def _set_hidden_input(node: fx.Node, key, value: fx.Node) -> None:
     if isinstance(key, int):
         args = list(node.args)
@@ -65,15 +48,6 @@ def _set_hidden_input(node: fx.Node, key, value: fx.Node) -> None:
         node.args = tuple(args)
     else:
         node.kwargs = {**node.kwargs, key: value}
-
-
-def _hidden_output(node: fx.Node, out_index: int | None) -> fx.Node:
-    if out_index is None:
-        return node
-    for user in node.users:
-        if user.op == "call_function" and user.args[1] == out_index:
-            return user
-    raise ValueError(f"block {node.target!r}: its output element {out_index} is never used")
 
 
 def _data_flow(graph: fx.Graph, side_outputs: set[fx.Node]) -> nx.DiGraph:
@@ -105,7 +79,8 @@ def _check_no_escape(graph: fx.Graph, gather: fx.Node, scatter: fx.Node, label: 
     inside = (nx.descendants(flow, gather) & nx.ancestors(flow, scatter)) | {gather}
     for node in inside:
         for user in flow.successors(node):
-            if user not in inside and user is not scatter:
+            role = user.meta.get(TREAD_META, {}).get("role")
+            if user not in inside and user is not scatter and role != "scatter_escape":
                 raise RouteEscapeError(
                     f"{label}: node {node.name!r} is computed on the kept tokens only, but "
                     f"{user.name!r} ({user.op} {getattr(user.target, '__name__', user.target)}) "
@@ -131,21 +106,59 @@ def _guard_side_outputs(graph: fx.Graph, side: set[fx.Node], span: set[fx.Node],
             user.replace_input_with(node, guard)
 
 
-def insert_routes(graph: fx.Graph, chain: BlockChain, routes: Sequence[Route]) -> list[dict]:
-    """Rewrite ``graph`` in place; returns the metadata of each inserted route."""
+def _replace_uses(node: fx.Node, new: fx.Node, users) -> None:
+    for user in list(users):
+        user.replace_input_with(node, new)
+
+
+def insert_routes(graph: fx.Graph, chain: BlockChain, routes: Sequence[Route],
+                  plans: Sequence[RoutePlan] | None = None) -> list[dict]:
+    """Rewrite ``graph`` in place; returns the metadata of each inserted route.
+
+    ``plans`` come from :func:`~tread_fx.passes.token_axes.plan_routes` (computed on this
+    graph before the rewrite); without them side inputs pass through a run-time check.
+    """
+    if plans is None:
+        plans = plan_routes(graph, chain, routes, None, prefix=0)
     blocks = _block_nodes(graph, chain.targets)
     inserted = []
-    for i, route in enumerate(routes):
+    for i, (route, plan) in enumerate(zip(routes, plans)):
         first, last = blocks[route.start], blocks[route.end]
         covered = tuple(chain.targets[route.start:route.end + 1])
         label = f"route {i} ({route}, blocks {covered[0]}..{covered[-1]})"
-        meta = {"route_index": i, "route": route, "blocks": covered, "label": label}
+        meta = {"route_index": i, "route": route, "blocks": covered, "label": label,
+                "prefix": plan.prefix, "shared": plan.shared_indices}
+        if plan.tokens is not None:
+            meta.update(tokens=plan.tokens,
+                        kept=plan.prefix + kept_count(plan.tokens - plan.prefix,
+                                                      route.selection_ratio, label))
         x_in = _hidden_input(first, chain.hidden_in[route.start])
         with graph.inserting_before(first):
             select = graph.create_node("call_module", selector_target(i), (x_in,), {},
                                        name=f"tread_select_{i}")
             gather = graph.create_node("call_function", gather_tokens, (x_in, select), {},
                                        name=f"tread_gather_{i}")
+        order = {n: k for k, n in enumerate(graph.nodes)}
+        for k, side in enumerate(plan.side):
+            users = sorted((u for u in side.node.users if u in plan.inside), key=order.get)
+            # before its first use in the route: after the selection and the value itself
+            with graph.inserting_before(users[0] if users else first):
+                if side.routed:
+                    new = graph.create_node(
+                        "call_function", gather_side,
+                        (side.node, select, side.axes, side.offset, side.batched), {},
+                        name=f"tread_side_{i}_{k}")
+                    new.meta[TREAD_META] = {**meta, "role": "side", "arg": side.arg,
+                                            "axes": side.axes, "offset": side.offset}
+                elif not plan.shapes_known:
+                    new = graph.create_node(
+                        "call_function", check_side_input,
+                        (side.node, x_in, select, label, side.arg), {},
+                        name=f"tread_check_{i}_{k}")
+                    new.meta[TREAD_META] = {**meta, "role": "check"}
+                else:
+                    continue
+            _replace_uses(side.node, new, users)
         _set_hidden_input(first, chain.hidden_in[route.start], gather)
         out = _hidden_output(last, chain.hidden_out[route.end])
         with graph.inserting_after(out):
@@ -153,6 +166,14 @@ def insert_routes(graph: fx.Graph, chain: BlockChain, routes: Sequence[Route]) -
                                         (x_in, out, select, label), {},
                                         name=f"tread_scatter_{i}")
         out.replace_all_uses_with(scatter, delete_user_cb=lambda user: user is not scatter)
+        for k, node in enumerate(plan.escapes):
+            outside = [u for u in node.users if u not in plan.inside]
+            with graph.inserting_after(node):
+                back = graph.create_node("call_function", scatter_tokens,
+                                         (x_in, node, select, label), {},
+                                         name=f"tread_scatter_{i}_{node.name}")
+            back.meta[TREAD_META] = {**meta, "role": "scatter_escape"}
+            _replace_uses(node, back, outside)
         for node, role in ((select, "select"), (gather, "gather"), (scatter, "scatter")):
             node.meta[TREAD_META] = {**meta, "role": role}
         side = _side_outputs(blocks[route.start:route.end + 1],

@@ -26,9 +26,9 @@ from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 from torch import fx, nn
-from torch.fx.node import map_aggregate
 
-__all__ = ["TraceError", "Traced", "trace_modes", "preserved_modes", "bind_inputs"]
+__all__ = ["TraceError", "Traced", "bind_inputs", "frozen_state", "preserved_modes",
+           "trace_modes"]
 
 _VALUE = "tread_concrete_value"
 # Tensor metadata that is read as a plain value while tracing concretely.
@@ -139,6 +139,17 @@ class _ConcreteTracer(_LeafTracer):
     def __init__(self, leaves: Iterable[nn.Module], inputs: Mapping[str, Any]) -> None:
         super().__init__(leaves)
         self._inputs = inputs
+        self._computing = 0  # > 0 while real values are computed: record nothing then
+
+    def call_module(self, m, forward, args, kwargs):
+        if self._computing:
+            return forward(*args, **kwargs)
+        return super().call_module(m, forward, args, kwargs)
+
+    def getattr(self, attr, attr_val, parameter_proxy_cache):
+        if self._computing:
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _ConcreteProxy(node, self)
@@ -158,6 +169,13 @@ class _ConcreteTracer(_LeafTracer):
 
         args = fx.node.map_arg(node.args, value)
         kwargs = fx.node.map_arg(node.kwargs, value)
+        self._computing += 1
+        try:
+            return self._call(node, args, kwargs)
+        finally:
+            self._computing -= 1
+
+    def _call(self, node: fx.Node, args, kwargs) -> Any:
         with torch.no_grad():
             if node.op == "get_attr":
                 obj = self.root
@@ -182,6 +200,20 @@ def preserved_modes(model: nn.Module) -> Iterator[None]:
             m.training = flag
 
 
+@contextmanager
+def frozen_state(model: nn.Module) -> Iterator[None]:
+    """Run the model without leaving a trace: modes, buffers (BatchNorm statistics) and the
+    random state are restored on exit, and no autograd graph is built."""
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    try:
+        with preserved_modes(model), torch.random.fork_rng(devices=[]), torch.no_grad():
+            yield
+    finally:
+        with torch.no_grad():
+            for b, saved in buffers:
+                b.copy_(saved)
+
+
 def bind_inputs(model: nn.Module, example_inputs: Any) -> dict[str, Any]:
     """Example inputs (tuple, dict or tensor) as ``{forward parameter name: value}``."""
     sig = inspect.signature(model.forward)
@@ -199,8 +231,6 @@ def bind_inputs(model: nn.Module, example_inputs: Any) -> dict[str, Any]:
     return dict(bound.arguments)
 
 
-def _shape_tree(value: Any) -> Any:
-    return map_aggregate(value, lambda v: tuple(v.shape) if isinstance(v, torch.Tensor) else None)
 
 
 def trace_modes(model: nn.Module, leaves: Iterable[nn.Module],
@@ -224,6 +254,9 @@ def trace_modes(model: nn.Module, leaves: Iterable[nn.Module],
         concrete = {k: v for k, v in inputs.items() if not isinstance(v, torch.Tensor)}
         return _trace(model, lambda: _ConcreteTracer(leaves, inputs), concrete, "concrete",
                       {k: _shape_tree(v) for k, v in inputs.items()})
+
+
+from tread_fx.module import _shape_tree  # noqa: E402  (one definition of the shape record)
 
 
 def _trace(model: nn.Module, make_tracer, concrete_args, front_end: str,

@@ -83,8 +83,8 @@ class TwoStreamBlock(nn.Module):
         super().__init__()
         self.fc = nn.Linear(8, 8)
 
-    def forward(self, x, ctx):
-        return ctx + 1, x + self.fc(x)
+    def forward(self, a, b):  # no conventional name says which stream is the token stream
+        return b + 1, a + self.fc(a)
 
 
 @pytest.mark.parametrize("model, inputs, blocks", [

@@ -13,7 +13,9 @@ from tread_fx.passes.find_blocks import (BlockChain, NoBlocksFound, find_block_c
                                          find_candidates)
 from tread_fx.passes.insert_routes import TREAD_META, insert_routes
 from tread_fx.passes.remove_routes import remove_routes
-from tread_fx.passes.trace import Traced, preserved_modes, trace_modes
+from tread_fx.passes.check_routes import check_routes
+from tread_fx.passes.token_axes import plan_routes, probe_shapes
+from tread_fx.passes.trace import Traced, frozen_state, trace_modes
 
 from .module import TreadGraphModule
 from .runtime import TokenSelector
@@ -27,7 +29,8 @@ def is_routed(model: nn.Module) -> bool:
     return isinstance(model, TreadGraphModule) and len(model._tread._modules) > 0
 
 
-def _check_chain(chain: BlockChain, groups, graphs: dict[str, fx.Graph], hidden) -> None:
+def _check_chain(chain: BlockChain, groups, graphs: dict[str, fx.Graph], hidden,
+                 root: nn.Module) -> None:
     """Refuse chains whose indices would silently differ from the user's block indices."""
     in_chain = set(chain.targets)
     called = {n.target for n in graphs["train"].nodes if n.op == "call_module"}
@@ -45,7 +48,7 @@ def _check_chain(chain: BlockChain, groups, graphs: dict[str, fx.Graph], hidden)
                 f"a block"
             )
     if "eval" in graphs:
-        eval_chain = find_block_chain(graphs["eval"], groups, hidden)
+        eval_chain = find_block_chain(graphs["eval"], groups, hidden, root)
         if eval_chain.targets != chain.targets:
             raise NoBlocksFound(
                 f"the train-mode trace calls blocks {chain.targets} but the eval-mode trace "
@@ -76,8 +79,8 @@ def _graphs_of(model: nn.Module, spec: RouteSpec, example_inputs: Any):
             for node in g.nodes:
                 if node.op == "get_attr" and node.target in traced.constants:
                     node.target = f"_tread.{node.target}"
-    chain = find_block_chain(traced.graphs["train"], groups, spec.hidden)
-    _check_chain(chain, groups, traced.graphs, spec.hidden)
+    chain = find_block_chain(traced.graphs["train"], groups, spec.hidden, model)
+    _check_chain(chain, groups, traced.graphs, spec.hidden, model)
     return traced, chain
 
 
@@ -106,40 +109,11 @@ def _example_args(graph: fx.Graph, example_inputs: Any) -> tuple:
                     f"keyword arguments, got {type(example_inputs).__name__}")
 
 
-def _record_token_counts(routed: TreadGraphModule, example_inputs: Any) -> None:
-    """Run the eval graph once on the example to learn each route's token count.
-
-    Validates the kept count of every route for that token count and stores ``tokens`` and
-    ``kept`` in the TREAD nodes' metadata.  Eval mode and no_grad: no parameter, buffer or
-    random state of the model changes.
-    """
-    args = _example_args(routed.eval_graph, example_inputs)
-    tokens: dict[int, int] = {}
-
-    class _Probe(fx.Interpreter):
-        def run_node(self, n):
-            result = super().run_node(n)
-            meta = n.meta.get(TREAD_META)
-            if meta and meta["role"] == "select":
-                tokens[meta["route_index"]] = self.env[n.args[0]].shape[1]
-            return result
-
-    with preserved_modes(routed), torch.no_grad():
-        routed.eval()
-        _Probe(routed, graph=routed.eval_graph).run(*args)
-    for selector in routed.selectors:
-        n = tokens[selector.index]
-        kept = kept_count(n, selector.selection_ratio, selector.label)
-        for g in routed.graphs():
-            for node in g.nodes:
-                meta = node.meta.get(TREAD_META)
-                if meta and meta["route_index"] == selector.index:
-                    meta.update(tokens=n, kept=kept)
-
-
 def route(model: nn.Module, spec: Any, example_inputs: Any = None, *,
           keep_order: bool | None = None, seed: int | None = None,
-          blocks: str | None = None, hidden: str | int | None = None) -> TreadGraphModule:
+          blocks: str | None = None, hidden: str | int | None = None,
+          token_inputs: Mapping[str | int, Any] | None = None,
+          prefix_tokens: int | None = None) -> TreadGraphModule:
     """Return a routed copy of ``model`` that trains with TREAD token routing.
 
     Args:
@@ -151,27 +125,40 @@ def route(model: nn.Module, spec: Any, example_inputs: Any = None, *,
             ``{"selection_ratio": .5, "start_layer_idx": 2, "end_layer_idx": 8}``.
             Block indices refer to the found block sequence; negative ones count from its
             end.
-        example_inputs: optional tuple of positional or dict of keyword arguments; when
-            given, every route's kept count is validated for the actual token count now
-            rather than at the first training step.
-        keep_order, seed, blocks, hidden: override the spec's options (see
-            :class:`RouteSpec`).
+        example_inputs: optional tuple of positional or dict of keyword arguments.  When
+            given: models that torch.fx cannot trace are traced on them; the shapes of
+            every value are probed, so per-token side inputs of the routed blocks (RoPE
+            tables, masks, skips) are found and gathered with the same indices and prefix
+            tokens are kept; kept counts are validated; and the routed graph runs once in
+            train mode as a safety check.
+        keep_order, seed, blocks, hidden, token_inputs, prefix_tokens: override the
+            spec's options (see :class:`RouteSpec`).
 
     The result shares the model's parameters and buffers (identical ``state_dict`` keys)
     and leaves the model itself as it was.  It routes in ``train()`` mode only; in
     ``eval()`` mode it computes exactly what the model computes.
     """
-    spec = parse_spec(spec, keep_order=keep_order, seed=seed, blocks=blocks, hidden=hidden)
+    spec = parse_spec(spec, keep_order=keep_order, seed=seed, blocks=blocks, hidden=hidden,
+                      token_inputs=token_inputs, prefix_tokens=prefix_tokens)
     traced, chain = _graphs_of(model, spec, example_inputs)
     graphs = traced.graphs
     where = f"the block sequence {chain.targets[0]}..{chain.targets[-1]}"
     spec = spec.resolve(len(chain), where)
+    args = None if example_inputs is None else _example_args(graphs["train"], example_inputs)
     selectors = {}
-    for g in {id(g): g for g in graphs.values()}.values():
-        for meta in insert_routes(g, chain, spec.routes):
+    for mode, g in {id(g): (m, g) for m, g in graphs.items()}.values():
+        shapes = None
+        if args is not None:
+            with frozen_state(model):
+                model.train(mode == "train")
+                shapes = probe_shapes(model, g, args, traced.constants)
+        plans = plan_routes(g, chain, spec.routes, shapes, spec.token_inputs,
+                            spec.prefix_tokens)
+        for meta in insert_routes(g, chain, spec.routes, plans):
             i = meta["route_index"]
-            selectors.setdefault(f"select_{i}", TokenSelector(
+            selector = selectors.setdefault(f"select_{i}", TokenSelector(
                 i, meta["route"], meta["blocks"], spec.keep_order, spec.seed))
+            selector.prefix, selector.shared = meta["prefix"], meta["shared"]
     routed = TreadGraphModule(model, graphs["train"], graphs.get("eval"), selectors,
                               class_name=f"Routed{type(model).__name__}".replace(
                                   "RoutedRouted", "Routed"),
@@ -180,8 +167,8 @@ def route(model: nn.Module, spec: Any, example_inputs: Any = None, *,
     routed.route_spec = spec
     routed.front_end = traced.front_end
     routed.input_shapes = traced.input_shapes
-    if example_inputs is not None:
-        _record_token_counts(routed, example_inputs)
+    if args is not None:
+        check_routes(routed, args)
     return routed
 
 

@@ -19,6 +19,16 @@ _HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_a
 _EXTRA_ATTRS = ("block_chain", "route_spec", "front_end", "input_shapes")
 
 
+def _shape_tree(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return tuple(value.shape)
+    if isinstance(value, (list, tuple)):
+        return tuple(_shape_tree(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _shape_tree(v) for k, v in value.items()}
+    return None
+
+
 def _get_path(obj, path: str):
     for part in path.split("."):
         obj = getattr(obj, part)
@@ -110,9 +120,26 @@ class TreadGraphModule(fx.GraphModule):
         return result
 
     def _dispatch(self, *args: Any, **kwargs: Any) -> Any:
+        if self.__dict__.get("input_shapes"):
+            self._check_input_shapes(args, kwargs)
         if self.training:
             return self._train_forward(*args, **kwargs)
         return self._eval_forward(*args, **kwargs)
+
+    def _check_input_shapes(self, args: tuple, kwargs: dict) -> None:
+        names = [n.target for n in self.graph.nodes if n.op == "placeholder"]
+        given = dict(zip(names, args), **kwargs)
+        for name, expected in self.input_shapes.items():
+            if name not in given:
+                continue
+            got = _shape_tree(given[name])
+            if got != expected:
+                raise ValueError(
+                    f"{type(self).__name__} was traced on example inputs (its forward branches "
+                    f"on shapes, so torch.fx could not trace it symbolically) and its graph is "
+                    f"specialised to them: argument {name!r} had shape {expected}, got {got}. "
+                    f"Call tread_fx.route() again with example inputs of this shape, or keep "
+                    f"the batch shape fixed (drop_last=True); sample with the original model")
 
     # -- inspection ---------------------------------------------------------------------
     @property

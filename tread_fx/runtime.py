@@ -17,8 +17,8 @@ from torch import nn
 
 from .spec import Route, check_ratio, kept_count
 
-__all__ = ["TokenSelector", "check_side_output", "gather_tokens", "scatter_tokens",
-           "select_tokens"]
+__all__ = ["TokenSelector", "check_side_input", "check_side_output", "gather_side",
+           "gather_tokens", "scatter_tokens", "select_tokens"]
 
 
 def select_tokens(
@@ -27,22 +27,31 @@ def select_tokens(
     keep_order: bool = True,
     generator: torch.Generator | None = None,
     label: str = "route",
+    prefix: int = 0,
+    shared: bool = False,
 ) -> torch.Tensor:
     """Indices ``[B, kept]`` of the tokens that stay in the route, drawn uniformly per sample.
 
-    ``x`` is ``[B, N, ...]`` (token axis 1).  With ``keep_order`` the indices are sorted, so
-    kept tokens keep their original order; when every token is kept the draw is skipped and
-    the indices are ``0..N-1``, which leaves the random number stream untouched.
+    ``x`` is ``[B, N, ...]`` (token axis 1).  The first ``prefix`` tokens (class, time or
+    register tokens) are always kept and the ratio applies to the other ``N - prefix``.
+    With ``shared`` one draw serves the whole batch (needed when a per-token side input,
+    such as a RoPE table, has no batch axis).  With ``keep_order`` the indices are sorted,
+    so kept tokens keep their original order; when every token is kept the draw is skipped
+    and the indices are ``0..N-1``, which leaves the random number stream untouched.
     """
     batch, num_tokens = x.shape[0], x.shape[1]
-    kept = kept_count(num_tokens, selection_ratio, label)
-    if kept == num_tokens and keep_order:
+    routable = num_tokens - prefix
+    kept = kept_count(routable, selection_ratio, label)
+    if kept == routable and keep_order:
         return torch.arange(num_tokens, device=x.device).expand(batch, num_tokens)
-    noise = torch.rand(batch, num_tokens, device=x.device, generator=generator)
+    noise = torch.rand(1 if shared else batch, routable, device=x.device, generator=generator)
     indices = noise.topk(kept, dim=1, sorted=False).indices
     if keep_order:
         indices = indices.sort(dim=1).values
-    return indices
+    if prefix:
+        head = torch.arange(prefix, device=x.device).expand(indices.shape[0], prefix)
+        indices = torch.cat([head, indices + prefix], dim=1)
+    return indices.expand(batch, -1) if shared else indices
 
 
 def _expand_index(indices: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -51,11 +60,43 @@ def _expand_index(indices: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return view.expand(indices.shape + trailing)
 
 
+def _stride_order(t: torch.Tensor) -> list[int]:
+    """Dimensions from outermost to innermost in memory."""
+    return sorted(range(t.dim()), key=lambda d: (-t.stride(d), d))
+
+
+def _inverse(perm: list[int]) -> list[int]:
+    inv = [0] * len(perm)
+    for i, p in enumerate(perm):
+        inv[p] = i
+    return inv
+
+
+def _gather(x: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
+    """``x.gather(dim, index)`` laid out in memory like ``x``.
+
+    Kernels downstream may round differently for another memory layout; keeping the
+    layout keeps ratio 0 bit-identical to the dense model.
+    """
+    perm = _stride_order(x)
+    out = x.permute(perm).gather(perm.index(dim), index.permute(perm))
+    return out.permute(_inverse(perm))
+
+
+def _scatter(full: torch.Tensor, dim: int, index: torch.Tensor,
+             src: torch.Tensor) -> torch.Tensor:
+    """``full.scatter(dim, index, src)`` laid out in memory like ``src``."""
+    perm = _stride_order(src)
+    out = full.permute(perm).clone(memory_format=torch.contiguous_format)
+    out = out.scatter_(perm.index(dim), index.permute(perm), src.permute(perm))
+    return out.permute(_inverse(perm))
+
+
 def gather_tokens(x: torch.Tensor, indices: torch.Tensor | None) -> torch.Tensor:
     """The kept tokens of ``x`` (``[B, N, ...]`` -> ``[B, kept, ...]``); ``x`` itself when inactive."""
     if indices is None:
         return x
-    return x.gather(1, _expand_index(indices, x))
+    return _gather(x, 1, _expand_index(indices, x))
 
 
 def scatter_tokens(
@@ -82,7 +123,49 @@ def scatter_tokens(
         )
     if full.dtype != kept.dtype:
         full = full.to(kept.dtype)
-    return full.scatter(1, _expand_index(indices, kept), kept)
+    return _scatter(full, 1, _expand_index(indices, kept), kept)
+
+
+def gather_side(value: torch.Tensor, indices: torch.Tensor | None, axes: tuple[int, ...],
+                offset: int = 0, batched: bool = True) -> torch.Tensor:
+    """Gather a per-token side input on each of its token ``axes`` with the route's indices.
+
+    ``offset`` rows of another stream (text tokens of a joint RoPE table) come first and
+    are all kept.  A table without batch axis uses the first sample's indices (the
+    selector draws one index set for the whole batch in that case).
+    """
+    if indices is None:
+        return value
+    if offset:
+        head = torch.arange(offset, device=indices.device).expand(indices.shape[0], offset)
+        indices = torch.cat([head, indices + offset], dim=1)
+    for axis in axes:
+        if not batched:
+            value = value.index_select(axis, indices[0])
+            continue
+        shape = [1] * value.dim()
+        shape[0], shape[axis] = indices.shape[0], indices.shape[1]
+        target = list(value.shape)
+        target[axis] = indices.shape[1]
+        value = _gather(value, axis, indices.reshape(shape).expand(target))
+    return value
+
+
+def check_side_input(value, full: torch.Tensor, indices: torch.Tensor | None,
+                     label: str = "route", arg: str = "argument"):
+    """Without example inputs side inputs pass untouched; refuse any that looks per-token."""
+    if indices is None or not isinstance(value, torch.Tensor):
+        return value
+    if value.dim() == 2 and value.shape[0] == full.shape[0] and value.shape[1] == full.shape[-1]:
+        return value  # [B, width]: a per-sample conditioning vector
+    if full.shape[1] in tuple(value.shape[1:]) or (value.dim() >= 2 and value.shape[0] ==
+                                                   full.shape[1] != full.shape[0]):
+        raise RuntimeError(
+            f"{label}: {arg} has shape {tuple(value.shape)}, with a dimension of the token "
+            f"count {full.shape[1]}; it may be per-token and would then need the route's "
+            f"indices. Pass example_inputs=... to tread_fx.route() so the side inputs are "
+            f"classified from their shapes, or token_inputs={{name: axis or None}}")
+    return value
 
 
 def check_side_output(value, full: torch.Tensor, indices: torch.Tensor | None,
@@ -123,6 +206,8 @@ class TokenSelector(nn.Module):
         self.selection_ratio = route.selection_ratio
         self.keep_order = keep_order
         self.seed = seed
+        self.prefix = 0
+        self.shared = False
         self.force_active: bool | None = None
         self.last_indices: torch.Tensor | None = None
         self.last_num_tokens = 0
@@ -134,7 +219,8 @@ class TokenSelector(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"route={self.route}, blocks={self.blocks[0]}..{self.blocks[-1]}, "
-                f"keep_order={self.keep_order}, seed={self.seed}")
+                f"keep_order={self.keep_order}, seed={self.seed}, prefix={self.prefix}, "
+                f"shared={self.shared}")
 
     def check_ratio(self, selection_ratio: float) -> None:
         check_ratio(selection_ratio, self.label, "selection_ratio")
@@ -160,7 +246,11 @@ class TokenSelector(nn.Module):
             self.last_indices = None
             return None
         indices = select_tokens(x, self.selection_ratio, self.keep_order,
-                                self._generator(x.device), self.label)
+                                self._generator(x.device), self.label, self.prefix, self.shared)
         self.last_indices = indices
         self.last_num_tokens = x.shape[1]
+        if indices.shape[1] == x.shape[1] and self.keep_order:
+            # Every token kept, in order: the route is the identity, and gathering would
+            # only change memory layouts (and with them the last bits of later kernels).
+            return None
         return indices

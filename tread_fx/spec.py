@@ -53,6 +53,11 @@ class RouteSpec:
             to override automatic discovery.
         hidden: the block argument (keyword name or position) that carries the token
             stream, for blocks that pass several streams on (text and image).
+        token_inputs: overrides of the token-axis analysis, by block argument name or
+            position: the token axis (or axes) of a per-token side input, or ``None`` for
+            an input that is not per-token.
+        prefix_tokens: leading tokens that are never routed (a ViT's class token, U-ViT's
+            time and label tokens); detected from the example inputs when not given.
     """
 
     routes: tuple[Route, ...]
@@ -60,6 +65,8 @@ class RouteSpec:
     seed: int | None = None
     blocks: str | None = None
     hidden: str | int | None = None
+    token_inputs: Mapping[str | int, Any] | None = None
+    prefix_tokens: int | None = None
 
     def __str__(self) -> str:
         return ",".join(str(r) for r in self.routes)
@@ -204,7 +211,7 @@ def _route_from_any(item: Any, i: int) -> Route:
     )
 
 
-_OPTIONS = ("keep_order", "seed", "blocks", "hidden")
+_OPTIONS = ("keep_order", "seed", "blocks", "hidden", "token_inputs", "prefix_tokens")
 
 
 def parse_spec(spec: Any, **options: Any) -> RouteSpec:
@@ -261,6 +268,13 @@ def parse_spec(spec: Any, **options: Any) -> RouteSpec:
         raise ValueError(f"route spec: keep_order must be True or False, got {out.keep_order!r}")
     if out.seed is not None and (isinstance(out.seed, bool) or not isinstance(out.seed, int)):
         raise ValueError(f"route spec: seed must be an int or None, got {out.seed!r}")
+    if out.prefix_tokens is not None and (isinstance(out.prefix_tokens, bool) or not isinstance(
+            out.prefix_tokens, int) or out.prefix_tokens < 0):
+        raise ValueError(f"route spec: prefix_tokens must be an int >= 0, got "
+                         f"{out.prefix_tokens!r}")
+    if out.token_inputs is not None and not isinstance(out.token_inputs, Mapping):
+        raise ValueError(f"route spec: token_inputs must be a dict of argument -> axis or "
+                         f"None, got {out.token_inputs!r}")
     if out.blocks is not None and (not isinstance(out.blocks, str) or not out.blocks):
         raise ValueError(f"route spec: blocks must be a dotted module path, got {out.blocks!r}")
     return out

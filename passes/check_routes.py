@@ -1,0 +1,62 @@
+"""Safety check: run the routed graph once on the example inputs, in train mode.
+
+A block that cannot run on a token subset (it reshapes its tokens into the image grid,
+say) fails here, at ``route()`` time, with an error naming the block, instead of at the
+first training step or, worse, never.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import fx, nn
+
+from .insert_routes import TREAD_META
+from .trace import frozen_state
+
+__all__ = ["RoutingSafetyError", "check_routes"]
+
+
+class RoutingSafetyError(RuntimeError):
+    """A routed block failed on the kept tokens of the example inputs."""
+
+
+def _route_of(graph: fx.Graph) -> dict[str, str]:
+    """Block target -> label of the route that covers it."""
+    covered = {}
+    for node in graph.nodes:
+        meta = node.meta.get(TREAD_META)
+        if meta and meta["role"] == "select":
+            for block in meta["blocks"]:
+                covered[block] = meta["label"]
+    return covered
+
+
+def check_routes(routed: nn.Module, args: Sequence[Any]) -> None:
+    """Run ``routed``'s train graph on ``args`` with routing on; raise naming the block."""
+    covered = _route_of(routed.graph)
+
+    class _Check(fx.Interpreter):
+        def run_node(self, n):
+            try:
+                return super().run_node(n)
+            except Exception as err:  # noqa: BLE001 - re-raised with the block's name
+                if n.op == "call_module" and n.target in covered:
+                    raise RoutingSafetyError(
+                        f"{covered[n.target]}: block {n.target!r} "
+                        f"({type(routed.get_submodule(n.target)).__name__}) cannot run on "
+                        f"the kept tokens of the example inputs: {type(err).__name__}: {err}. "
+                        f"A block that needs all tokens (e.g. one that reshapes them into the "
+                        f"height x width grid) cannot be inside a route; end the route before "
+                        f"it or start it after") from err
+                raise
+
+    selectors = list(routed._tread.children())
+    with frozen_state(routed):
+        routed.train()
+        try:
+            _Check(routed, graph=routed.graph).run(*args)
+        finally:
+            for s in selectors:
+                s.last_indices = None
