@@ -33,3 +33,23 @@ __all__ = [
     "DiT_S_4",
     "DiT_S_8",
 ]
+
+from .mmdit import JointBlock, MMDiT
+from .rope_dit import RoPEDiT, RoPEDiTBlock
+from .ssm import SSMBlock, SSMDiT, selective_scan
+from .uvit import UViT, UViTBlock
+from .vit import ViT, ViTBlock
+
+__all__ += [
+    "UViT",
+    "UViTBlock",
+    "RoPEDiT",
+    "RoPEDiTBlock",
+    "MMDiT",
+    "JointBlock",
+    "SSMDiT",
+    "SSMBlock",
+    "selective_scan",
+    "ViT",
+    "ViTBlock",
+]
