@@ -122,6 +122,7 @@ def insert_routes(graph: fx.Graph, chain: BlockChain, routes: Sequence[Route],
         plans = plan_routes(graph, chain, routes, None, prefix=0)
     blocks = _block_nodes(graph, chain.targets)
     inserted = []
+    current: dict[fx.Node, fx.Node] = {}   # a value put back by an earlier route -> its node
     for i, (route, plan) in enumerate(zip(routes, plans)):
         first, last = blocks[route.start], blocks[route.end]
         covered = tuple(chain.targets[route.start:route.end + 1])
@@ -140,25 +141,26 @@ def insert_routes(graph: fx.Graph, chain: BlockChain, routes: Sequence[Route],
                                        name=f"tread_gather_{i}")
         order = {n: k for k, n in enumerate(graph.nodes)}
         for k, side in enumerate(plan.side):
-            users = sorted((u for u in side.node.users if u in plan.inside), key=order.get)
+            value = current.get(side.node, side.node)
+            users = sorted((u for u in value.users if u in plan.inside), key=order.get)
             # before its first use in the route: after the selection and the value itself
             with graph.inserting_before(users[0] if users else first):
                 if side.routed:
                     new = graph.create_node(
                         "call_function", gather_side,
-                        (side.node, select, side.axes, side.offset, side.batched), {},
+                        (value, select, side.axes, side.offset, side.batched), {},
                         name=f"tread_side_{i}_{k}")
                     new.meta[TREAD_META] = {**meta, "role": "side", "arg": side.arg,
                                             "axes": side.axes, "offset": side.offset}
                 elif not plan.shapes_known:
                     new = graph.create_node(
                         "call_function", check_side_input,
-                        (side.node, x_in, select, label, side.arg), {},
+                        (value, x_in, select, label, side.arg), {},
                         name=f"tread_check_{i}_{k}")
                     new.meta[TREAD_META] = {**meta, "role": "check"}
                 else:
                     continue
-            _replace_uses(side.node, new, users)
+            _replace_uses(value, new, users)
         _set_hidden_input(first, chain.hidden_in[route.start], gather)
         out = _hidden_output(last, chain.hidden_out[route.end])
         with graph.inserting_after(out):
@@ -166,6 +168,7 @@ def insert_routes(graph: fx.Graph, chain: BlockChain, routes: Sequence[Route],
                                         (x_in, out, select, label), {},
                                         name=f"tread_scatter_{i}")
         out.replace_all_uses_with(scatter, delete_user_cb=lambda user: user is not scatter)
+        current[out] = scatter
         for k, node in enumerate(plan.escapes):
             outside = [u for u in node.users if u not in plan.inside]
             with graph.inserting_after(node):
@@ -174,6 +177,7 @@ def insert_routes(graph: fx.Graph, chain: BlockChain, routes: Sequence[Route],
                                          name=f"tread_scatter_{i}_{node.name}")
             back.meta[TREAD_META] = {**meta, "role": "scatter_escape"}
             _replace_uses(node, back, outside)
+            current[node] = back
         for node, role in ((select, "select"), (gather, "gather"), (scatter, "scatter")):
             node.meta[TREAD_META] = {**meta, "role": role}
         side = _side_outputs(blocks[route.start:route.end + 1],

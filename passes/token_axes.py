@@ -188,7 +188,10 @@ def _classify(side: SideInput, shape: Any, hidden: tuple, others: list[int],
         return side  # not a tensor (tuples are flattened by the caller)
     batch, tokens = hidden[0], hidden[1]
     width = hidden[-1] if len(hidden) > 2 else None
-    axes = tuple(i for i, d in enumerate(shape) if d == tokens)
+    # The last axis of a [B, ..., width] tensor is its feature axis, even when the width
+    # happens to equal the token count (a text stream [B, T, D] with D == N).
+    features = len(shape) - 1 if len(shape) >= 3 and shape[-1] == width else None
+    axes = tuple(i for i, d in enumerate(shape) if d == tokens and i != features)
     offset = 0
     if not axes:
         joint = [(i, d - tokens) for i, d in enumerate(shape) if d - tokens in others]

@@ -49,6 +49,7 @@ class Traced:
         self.front_end = front_end
         self.constants = constants
         self.input_shapes = input_shapes
+        self.baked: dict[str, Any] = {}   # non-tensor example inputs the graph is made for
 
 
 class _LeafTracer(fx.Tracer):
@@ -154,11 +155,22 @@ class _ConcreteTracer(_LeafTracer):
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _ConcreteProxy(node, self)
 
+    def create_args_for_root(self, root_fn, is_module, concrete_args=None):
+        # Tensors become placeholders; every other example value (None, flags, dicts of
+        # options) is passed as itself and baked into the graph.
+        proxies = {k: self.create_proxy("placeholder", k, (), {})
+                   for k, v in self._inputs.items() if isinstance(v, torch.Tensor)}
+
+        def forward(*root):
+            kwargs = {k: proxies.get(k, v) for k, v in self._inputs.items()}
+            return root_fn(*root, **kwargs)
+
+        return forward, [self.root] if is_module else []
+
     def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):
         node = super().create_node(kind, target, args, kwargs, name, type_expr)
         if kind == "placeholder":
-            default = args[0] if args else None
-            node.meta[_VALUE] = self._inputs.get(str(target).lstrip("*"), default)
+            node.meta[_VALUE] = self._inputs[target]
         elif kind != "output":
             node.meta[_VALUE] = self._run(node)
         return node
@@ -251,9 +263,11 @@ def trace_modes(model: nn.Module, leaves: Iterable[nn.Module],
                 f"traced on real values (a graph specialised to those input shapes)"
             ) from fx_error.__cause__
         inputs = bind_inputs(model, example_inputs)
-        concrete = {k: v for k, v in inputs.items() if not isinstance(v, torch.Tensor)}
-        return _trace(model, lambda: _ConcreteTracer(leaves, inputs), concrete, "concrete",
-                      {k: _shape_tree(v) for k, v in inputs.items()})
+        traced = _trace(model, lambda: _ConcreteTracer(leaves, inputs), None, "concrete",
+                        {k: _shape_tree(v) for k, v in inputs.items()
+                         if isinstance(v, torch.Tensor)})
+        traced.baked = {k: v for k, v in inputs.items() if not isinstance(v, torch.Tensor)}
+        return traced
 
 
 from tread_fx.module import _shape_tree  # noqa: E402  (one definition of the shape record)

@@ -9,6 +9,8 @@ from .api import is_routed, kept_masks, route, routing, unroute
 from .module import TreadGraphModule
 from .passes.find_blocks import NoBlocksFound
 from .passes.insert_routes import RouteEscapeError
+from .passes.check_routes import RoutingSafetyError
+from .passes.token_axes import TokenAxisError
 from .passes.trace import TraceError
 from .runtime import TokenSelector
 from .spec import Route, RouteSpec, parse_spec
@@ -20,6 +22,8 @@ __all__ = [
     "Route",
     "RouteEscapeError",
     "RouteSpec",
+    "RoutingSafetyError",
+    "TokenAxisError",
     "TokenSelector",
     "TraceError",
     "TreadGraphModule",

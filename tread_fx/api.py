@@ -67,6 +67,7 @@ def _graphs_of(model: nn.Module, spec: RouteSpec, example_inputs: Any):
             remove_routes(g)
         traced = Traced(graphs, model.__dict__.get("front_end", "fx"), {},
                         model.__dict__.get("input_shapes"))
+        traced.baked = model.__dict__.get("baked_inputs") or {}
     elif isinstance(model, fx.GraphModule):
         traced = Traced({"train": copy.deepcopy(model.graph)}, "user", {}, None)
     else:
@@ -84,8 +85,9 @@ def _graphs_of(model: nn.Module, spec: RouteSpec, example_inputs: Any):
     return traced, chain
 
 
-def _example_args(graph: fx.Graph, example_inputs: Any) -> tuple:
+def _example_args(graph: fx.Graph, example_inputs: Any, baked: Mapping[str, Any]) -> tuple:
     if isinstance(example_inputs, Mapping):
+        example_inputs = {k: v for k, v in example_inputs.items() if k not in baked}
         placeholders = [n for n in graph.nodes if n.op == "placeholder"]
         names = [p.target.lstrip("*") for p in placeholders]
         unknown = sorted(set(example_inputs) - set(names))
@@ -144,7 +146,8 @@ def route(model: nn.Module, spec: Any, example_inputs: Any = None, *,
     graphs = traced.graphs
     where = f"the block sequence {chain.targets[0]}..{chain.targets[-1]}"
     spec = spec.resolve(len(chain), where)
-    args = None if example_inputs is None else _example_args(graphs["train"], example_inputs)
+    args = None if example_inputs is None else _example_args(graphs["train"], example_inputs,
+                                                              traced.baked)
     selectors = {}
     for mode, g in {id(g): (m, g) for m, g in graphs.items()}.values():
         shapes = None
@@ -167,6 +170,7 @@ def route(model: nn.Module, spec: Any, example_inputs: Any = None, *,
     routed.route_spec = spec
     routed.front_end = traced.front_end
     routed.input_shapes = traced.input_shapes
+    routed.baked_inputs = traced.baked
     if args is not None:
         check_routes(routed, args)
     return routed

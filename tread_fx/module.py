@@ -16,7 +16,7 @@ _HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_a
                "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
                "_load_state_dict_post_hooks")
 # Attributes route() sets that copies must keep.
-_EXTRA_ATTRS = ("block_chain", "route_spec", "front_end", "input_shapes")
+_EXTRA_ATTRS = ("block_chain", "route_spec", "front_end", "input_shapes", "baked_inputs")
 
 
 def _shape_tree(value: Any) -> Any:
@@ -27,6 +27,13 @@ def _shape_tree(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _shape_tree(v) for k, v in value.items()}
     return None
+
+
+def _same(a: Any, b: Any) -> bool:
+    try:
+        return bool(a == b) if not isinstance(a, torch.Tensor) else False
+    except Exception:  # noqa: BLE001 - values that cannot be compared are not the same
+        return a is b
 
 
 def _get_path(obj, path: str):
@@ -120,11 +127,26 @@ class TreadGraphModule(fx.GraphModule):
         return result
 
     def _dispatch(self, *args: Any, **kwargs: Any) -> Any:
+        if self.__dict__.get("baked_inputs"):
+            kwargs = self._check_baked(kwargs)
         if self.__dict__.get("input_shapes"):
             self._check_input_shapes(args, kwargs)
         if self.training:
             return self._train_forward(*args, **kwargs)
         return self._eval_forward(*args, **kwargs)
+
+    def _check_baked(self, kwargs: dict) -> dict:
+        """Non-tensor arguments were fixed at tracing: accept them only with those values."""
+        rest = {}
+        for name, value in kwargs.items():
+            if name not in self.baked_inputs:
+                rest[name] = value
+            elif not _same(value, self.baked_inputs[name]):
+                raise ValueError(
+                    f"{type(self).__name__} was traced with {name}={self.baked_inputs[name]!r} "
+                    f"and computes only that case; got {name}={value!r}. Call "
+                    f"tread_fx.route() again with example inputs that have this value")
+        return rest
 
     def _check_input_shapes(self, args: tuple, kwargs: dict) -> None:
         names = [n.target for n in self.graph.nodes if n.op == "placeholder"]
