@@ -6,19 +6,7 @@ import torch
 from torch import nn
 
 from tread_fx.models import DiT
-
-
-def perturb_(model: nn.Module, std: float = 0.05, seed: int = 0) -> nn.Module:
-    """Add noise to every parameter.
-
-    DiT's adaLN-Zero init makes every block the identity and the output zero; tests that
-    compare routed and dense computation need blocks that actually transform tokens.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * std)
-    return model
+from tread_fx.tools.zoo import perturb_  # noqa: F401  (used by the tests too)
 
 
 def tiny_dit(depth: int = 6, hidden: int = 32, heads: int = 2, input_size: int = 8,

@@ -12,54 +12,11 @@ import pytest
 import torch
 
 import tread_fx
-from tread_fx.models import DiT
-from tread_fx.models.mmdit import MMDiT
-from tread_fx.models.rope_dit import RoPEDiT
-from tread_fx.models.ssm import SSMDiT
-from tread_fx.models.uvit import UViT
-from tread_fx.models.vit import ViT
-from conftest import perturb_
+from tread_fx.tools.backbones import check_backbone
+from tread_fx.tools.zoo import BACKBONES, build
 
 B = 3
-
-
-def _labels():
-    return torch.rand(B) * 999, torch.randint(0, 10, (B,))
-
-
-def _image():
-    return torch.randn(B, 4, 8, 8)
-
-
-# name -> (constructor, example inputs, container path(s) of the chain, route, prefix)
-BACKBONES = {
-    "DiT": (lambda: DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=48, depth=6,
-                        num_heads=2, num_classes=10),
-            lambda: (_image(), *_labels()), "1:3"),
-    "U-ViT": (lambda: UViT(img_size=8, patch_size=2, in_chans=4, embed_dim=48, depth=7,
-                           num_heads=2, num_classes=11),
-              lambda: (_image(), *_labels()), "1:5"),
-    "RoPE-DiT": (lambda: RoPEDiT(input_size=8, patch_size=2, in_channels=4, hidden_size=64,
-                                 depth=6, num_heads=2, num_classes=10),
-                 lambda: (_image(), *_labels()), "1:3"),
-    "MMDiT": (lambda: MMDiT(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=6,
-                            num_heads=2, context_dim=12, pooled_dim=10),
-              lambda: (_image(), torch.rand(B), torch.randn(B, 5, 12), torch.randn(B, 10)),
-              "1:3"),
-    "SSM": (lambda: SSMDiT(input_size=8, patch_size=2, in_channels=4, hidden_size=48, depth=6,
-                           num_classes=10),
-            lambda: (_image(), *_labels()), "1:3"),
-    "ViT": (lambda: ViT(input_size=8, patch_size=2, in_channels=4, hidden_size=48, depth=6,
-                        num_heads=2, num_classes=10),
-            lambda: (_image(), *_labels()), "1:3"),
-}
-
-
-def build(name, seed=0):
-    make, inputs, span = BACKBONES[name]
-    torch.manual_seed(seed)
-    model = perturb_(make(), std=0.05, seed=seed)
-    return model, inputs(), span
+NAMES = {name.split(" (")[0]: name for name in BACKBONES}
 
 
 def chain_blocks(model, routed):
@@ -70,40 +27,13 @@ def hidden_of(args, kwargs):
     return args[0] if args else kwargs.get("x", kwargs.get("hidden_states"))
 
 
-def _step(model, inputs, seed):
-    model.zero_grad(set_to_none=True)
-    torch.manual_seed(seed)
-    out = model(*inputs)
-    out.float().square().mean().backward()
-    return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
-                          if p.grad is not None}
-
-
 @pytest.mark.parametrize("name", list(BACKBONES))
-def test_ratio_zero_is_the_original_bit_for_bit(name):
-    model, inputs, span = build(name)
-    routed = tread_fx.route(model, f"{span}@0", example_inputs=inputs).train()
-    model.train()
-    out_dense, g_dense = _step(model, inputs, 7)
-    out_routed, g_routed = _step(routed, inputs, 7)
-    assert torch.equal(out_dense, out_routed)
-    assert g_dense.keys() == g_routed.keys()
-    for k in g_dense:
-        assert torch.equal(g_dense[k], g_routed[k]), k
-
-
-@pytest.mark.parametrize("name", list(BACKBONES))
-def test_eval_is_the_original_and_half_ratio_trains(name):
-    model, inputs, span = build(name)
-    routed = tread_fx.route(model, f"{span}@0.5", example_inputs=inputs)
-    routed.eval(), model.eval()
-    with torch.no_grad():
-        assert torch.equal(routed(*inputs), model(*inputs))
-    routed.train()
-    routed(*inputs).float().square().mean().backward()
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    with_grad = [p for p in trainable if p.grad is not None and p.grad.abs().sum() > 0]
-    assert len(with_grad) >= 0.9 * len(trainable)
+def test_ratio_zero_is_original_eval_is_original_and_half_ratio_trains(name):
+    result = check_backbone(name)
+    assert result["ratio0_bit_equal"], "ratio 0 differs from the original"
+    assert result["eval_equal"], "eval mode differs from the original"
+    assert result["trains_at_half"]
+    assert result["grads"] >= 0.9 * result["trainable"]
 
 
 @pytest.mark.parametrize("name", list(BACKBONES))
@@ -148,7 +78,7 @@ def test_route_sees_kept_tokens_and_routed_tokens_return_unchanged(name):
 
 
 def test_rope_tables_reach_routed_blocks_gathered_with_the_same_indices():
-    model, inputs, span = build("RoPE-DiT")
+    model, inputs, span = build(NAMES["RoPE DiT"])
     routed = tread_fx.route(model, "1:3@0.5", example_inputs=inputs).train()
     received = {}
     model.blocks[2].register_forward_pre_hook(
@@ -163,7 +93,7 @@ def test_rope_tables_reach_routed_blocks_gathered_with_the_same_indices():
 
 
 def test_joint_rope_keeps_text_rows_and_gathers_image_rows():
-    model, inputs, span = build("MMDiT")
+    model, inputs, span = build(NAMES["MMDiT"])
     routed = tread_fx.route(model, "1:3@0.5", example_inputs=inputs).train()
     received = {}
     model.joint_blocks[2].register_forward_pre_hook(
@@ -181,7 +111,7 @@ def test_joint_rope_keeps_text_rows_and_gathers_image_rows():
 
 
 def test_uvit_long_skips_are_gathered_and_scattered_back():
-    model, inputs, span = build("U-ViT")
+    model, inputs, span = build(NAMES["U-ViT"])
     # chain: in_blocks.0-2, mid_block, out_blocks.0-2. Route 0 makes skips that leave it
     # (scattered back for out_blocks.1-2); route 1 consumes skips made before it (gathered).
     routed = tread_fx.route(model, "0:1@0.5,4:5@0.5", example_inputs=inputs).train()

@@ -33,13 +33,17 @@ def _inspect(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from tread_fx.models import DiT_models
 
-    from . import bench
+    from . import backbones, bench
 
     parser = argparse.ArgumentParser(prog="tread-fx", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("bench", help="train-step time routed vs dense, next to the FLOP ratio")
     bench.add_arguments(p)
     p.set_defaults(func=bench.main)
+    p = sub.add_parser("backbones", help="route every reference backbone (and diffusers "
+                       "models) and print the support table")
+    backbones.add_arguments(p)
+    p.set_defaults(func=backbones.main)
     p = sub.add_parser("inspect", help="route a reference DiT and print what was inserted")
     p.add_argument("--model", default="DiT-B/2", choices=sorted(DiT_models))
     p.add_argument("--routes", default="2:8@0.5")
@@ -47,6 +51,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--code", action="store_true", help="print the routed train graph's code")
     p.add_argument("--dot", metavar="FILE", help="write the routed graph as Graphviz DOT")
     p.set_defaults(func=_inspect)
+    from . import convergence, train
+
+    p = sub.add_parser("train", help="train a small DiT with or without routing (default: "
+                       "MNIST-5k digits, a few minutes on a CPU)",
+                       description=train.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    train.add_arguments(p)
+    p.set_defaults(func=train.main)
+    p = sub.add_parser("convergence", help="dense vs routed held-out loss against wall-clock, "
+                       "same seed, data and budget",
+                       description=convergence.__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    convergence.add_arguments(p)
+    p.set_defaults(func=convergence.main)
     return parser
 
 
