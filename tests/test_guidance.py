@@ -143,3 +143,24 @@ def test_sparse_cfg_formula_and_reductions():
     # cfg_scale 1 -> sparse guidance
     out_sg = sparse_cfg(_sparse_model, X, T, Y, NULL, gamma_strong=0.3, gamma_weak=0.7, scale=1.5, cfg_scale=1.0)
     torch.testing.assert_close(out_sg, sparse_guidance(_sparse_model, X, T, Y, gamma_strong=0.3, gamma_weak=0.7, scale=1.5))
+
+
+def test_sparse_guidance_with_a_routed_model():
+    import tread_fx
+    from tread_fx.guidance import routed_fn
+    from conftest import dit_inputs, tiny_dit
+
+    model = tiny_dit(depth=6, class_dropout_prob=0.0)
+    routed = tread_fx.route(model, "1:4@0.5").eval()
+    x, t, y = dit_inputs()
+    seen = []
+    model.blocks[2].register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[1]))
+    fn = routed_fn(routed)
+    with torch.no_grad():
+        v = sparse_guidance(fn, x, t, y, gamma_strong=0.25, gamma_weak=0.75, scale=1.5)
+        assert sorted(seen) == [4, 12]  # the weak branch routes 75 %, the strong 25 %
+        torch.manual_seed(0)
+        strong = fn(x, t, y, 0.25)
+        assert v.shape == strong.shape and torch.isfinite(v).all()
+        assert torch.equal(fn(x, t, y, 0.0), model.eval()(x, t, y))
+    assert routed.selectors[0].selection_ratio == 0.5  # restored

@@ -24,7 +24,22 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["cfg", "sparse_guidance", "sparse_cfg"]
+__all__ = ["cfg", "routed_fn", "sparse_guidance", "sparse_cfg"]
+
+
+def routed_fn(routed: torch.nn.Module) -> Callable[..., Tensor]:
+    """``model_fn(x, t, y, selection_ratio)`` for :func:`sparse_guidance` from a module
+    returned by :func:`tread_fx.route`: runs it with every route at that ratio (in eval
+    mode too), and densely at ratio 0."""
+    from tread_fx.api import routing
+
+    def model_fn(x: Tensor, t: Tensor, y: Tensor, selection_ratio: float) -> Tensor:
+        if selection_ratio == 0:
+            return routed(x, t, y)
+        with routing(routed, selection_ratio):
+            return routed(x, t, y)
+
+    return model_fn
 
 
 def _is_number(v, value: float) -> bool:
