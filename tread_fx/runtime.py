@@ -44,7 +44,13 @@ def select_tokens(
     kept = kept_count(routable, selection_ratio, label)
     if kept == routable and keep_order:
         return torch.arange(num_tokens, device=x.device).expand(batch, num_tokens)
-    noise = torch.rand(1 if shared else batch, routable, device=x.device, generator=generator)
+    rows = 1 if shared else batch
+    if generator is None:
+        # rand_like of a [rows, routable] view: exports to ONNX (RandomUniformLike)
+        base = (x.flatten(2)[..., 0] if x.dim() > 2 else x)[:rows, prefix:]
+        noise = torch.rand_like(base, dtype=torch.float32)
+    else:
+        noise = torch.rand(rows, routable, device=x.device, generator=generator)
     indices = noise.topk(kept, dim=1, sorted=False).indices
     if keep_order:
         indices = indices.sort(dim=1).values
