@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-import torch
 from torch import fx, nn
 
 from .insert_routes import TREAD_META

@@ -15,7 +15,7 @@ from __future__ import annotations
 import inspect
 import operator
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Union
 
 import networkx as nx
 from torch import fx, nn

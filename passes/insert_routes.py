@@ -26,7 +26,8 @@ from tread_fx.runtime import (check_side_input, check_side_output, gather_side, 
 from tread_fx.spec import Route, kept_count
 
 from .find_blocks import BlockChain
-from .token_axes import RoutePlan, _block_nodes, _hidden_input, _hidden_output, plan_routes
+from .token_axes import (RoutePlan, block_nodes, hidden_input, hidden_output, data_flow,
+                         plan_routes)
 
 __all__ = ["RouteEscapeError", "insert_routes", "selector_target", "TREAD_META"]
 
@@ -50,18 +51,6 @@ def _set_hidden_input(node: fx.Node, key, value: fx.Node) -> None:
         node.kwargs = {**node.kwargs, key: value}
 
 
-def _data_flow(graph: fx.Graph, side_outputs: set[fx.Node]) -> nx.DiGraph:
-    """Node-level data flow, without the edges into the blocks' side outputs."""
-    g = nx.DiGraph()
-    for n in graph.nodes:
-        g.add_node(n)
-        if n in side_outputs:
-            continue
-        for inp in n.all_input_nodes:
-            g.add_edge(inp, n)
-    return g
-
-
 def _side_outputs(blocks: Sequence[fx.Node], hidden_out: Sequence[int | None]) -> set[fx.Node]:
     """Tuple elements of block outputs other than the hidden state (other streams, gates)."""
     return {u for b, out in zip(blocks, hidden_out) if out is not None for u in b.users
@@ -75,7 +64,7 @@ def _check_no_escape(graph: fx.Graph, gather: fx.Node, scatter: fx.Node, label: 
     The blocks' other outputs (e.g. the text stream of a joint-attention block) are allowed
     to leave: they are not on the routed token axis.
     """
-    flow = _data_flow(graph, side_outputs)
+    flow = data_flow(graph, side_outputs)
     inside = (nx.descendants(flow, gather) & nx.ancestors(flow, scatter)) | {gather}
     for node in inside:
         for user in flow.successors(node):
@@ -120,7 +109,7 @@ def insert_routes(graph: fx.Graph, chain: BlockChain, routes: Sequence[Route],
     """
     if plans is None:
         plans = plan_routes(graph, chain, routes, None, prefix=0)
-    blocks = _block_nodes(graph, chain.targets)
+    blocks = block_nodes(graph, chain.targets)
     inserted = []
     current: dict[fx.Node, fx.Node] = {}   # a value put back by an earlier route -> its node
     for i, (route, plan) in enumerate(zip(routes, plans)):
@@ -133,7 +122,7 @@ def insert_routes(graph: fx.Graph, chain: BlockChain, routes: Sequence[Route],
             meta.update(tokens=plan.tokens,
                         kept=plan.prefix + kept_count(plan.tokens - plan.prefix,
                                                       route.selection_ratio, label))
-        x_in = _hidden_input(first, chain.hidden_in[route.start])
+        x_in = hidden_input(first, chain.hidden_in[route.start])
         with graph.inserting_before(first):
             select = graph.create_node("call_module", selector_target(i), (x_in,), {},
                                        name=f"tread_select_{i}")
@@ -162,7 +151,7 @@ def insert_routes(graph: fx.Graph, chain: BlockChain, routes: Sequence[Route],
                     continue
             _replace_uses(value, new, users)
         _set_hidden_input(first, chain.hidden_in[route.start], gather)
-        out = _hidden_output(last, chain.hidden_out[route.end])
+        out = hidden_output(last, chain.hidden_out[route.end])
         with graph.inserting_after(out):
             scatter = graph.create_node("call_function", scatter_tokens,
                                         (x_in, out, select, label), {},

@@ -104,20 +104,23 @@ def probe_shapes(module: torch.nn.Module, graph: fx.Graph, args: Sequence[Any],
 
 # -- the span of a route ----------------------------------------------------------------
 
-def _flow(graph: fx.Graph) -> nx.DiGraph:
+def data_flow(graph: fx.Graph, cut: set[fx.Node] = frozenset()) -> nx.DiGraph:
+    """The graph's data flow as a networkx DiGraph, without the edges into ``cut``."""
     g = nx.DiGraph()
     for n in graph.nodes:
         g.add_node(n)
+        if n in cut:
+            continue
         for inp in n.all_input_nodes:
             g.add_edge(inp, n)
     return g
 
 
-def _hidden_input(node: fx.Node, key) -> fx.Node:
+def hidden_input(node: fx.Node, key) -> fx.Node:
     return node.args[key] if isinstance(key, int) else node.kwargs[key]
 
 
-def _hidden_output(node: fx.Node, out_index: int | None) -> fx.Node:
+def hidden_output(node: fx.Node, out_index: int | None) -> fx.Node:
     if out_index is None:
         return node
     for user in node.users:
@@ -127,7 +130,7 @@ def _hidden_output(node: fx.Node, out_index: int | None) -> fx.Node:
     raise ValueError(f"block {node.target!r}: its output element {out_index} is never used")
 
 
-def _block_nodes(graph: fx.Graph, targets: Sequence[str]) -> list[fx.Node]:
+def block_nodes(graph: fx.Graph, targets: Sequence[str]) -> list[fx.Node]:
     by_target: dict[str, list[fx.Node]] = {}
     for n in graph.nodes:
         if n.op == "call_module":
@@ -252,9 +255,9 @@ def plan_routes(graph: fx.Graph, chain: BlockChain, routes: Sequence[Route],
                 prefix: int | None = None) -> list[RoutePlan]:
     """One :class:`RoutePlan` per route, from the graph before the rewrite."""
     annotations = dict(annotations or {})
-    blocks = _block_nodes(graph, chain.targets)
-    flow = _flow(graph)
-    chain_input = _hidden_input(blocks[0], chain.hidden_in[0])
+    blocks = block_nodes(graph, chain.targets)
+    flow = data_flow(graph)
+    chain_input = hidden_input(blocks[0], chain.hidden_in[0])
     if prefix is None:
         prefix = detect_prefix(graph, chain_input, shapes)
         if prefix is None:
@@ -266,8 +269,8 @@ def plan_routes(graph: fx.Graph, chain: BlockChain, routes: Sequence[Route],
     plans = []
     for route in routes:
         span = blocks[route.start:route.end + 1]
-        x_in = _hidden_input(span[0], chain.hidden_in[route.start])
-        out = _hidden_output(span[-1], chain.hidden_out[route.end])
+        x_in = hidden_input(span[0], chain.hidden_in[route.start])
+        out = hidden_output(span[-1], chain.hidden_out[route.end])
         inside = span_nodes(flow, span, out)
         plan = RoutePlan(inside=inside, prefix=prefix, shapes_known=shapes is not None)
         hidden = shapes.get(x_in) if shapes else None

@@ -1,7 +1,6 @@
 """Semantics of a routed DiT: exact TREAD, shared parameters, untouched input model."""
 
 import copy
-import math
 import pickle
 
 import pytest

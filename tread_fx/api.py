@@ -11,7 +11,7 @@ from torch import fx, nn
 
 from tread_fx.passes.find_blocks import (BlockChain, NoBlocksFound, find_block_chain,
                                          find_candidates)
-from tread_fx.passes.insert_routes import TREAD_META, insert_routes
+from tread_fx.passes.insert_routes import insert_routes
 from tread_fx.passes.remove_routes import remove_routes
 from tread_fx.passes.check_routes import check_routes
 from tread_fx.passes.token_axes import plan_routes, probe_shapes
@@ -19,7 +19,7 @@ from tread_fx.passes.trace import Traced, frozen_state, trace_modes
 
 from .module import TreadGraphModule
 from .runtime import TokenSelector
-from .spec import RouteSpec, kept_count, parse_spec
+from .spec import RouteSpec, parse_spec
 
 __all__ = ["route", "unroute", "is_routed", "kept_masks", "routing"]
 

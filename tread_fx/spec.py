@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import numbers
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, Iterable, Mapping, Sequence
 
 __all__ = ["Route", "RouteSpec", "check_ratio", "kept_count", "parse_spec"]
