@@ -64,7 +64,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    names = list(BACKBONES) + ([] if args.no_diffusers else list(DIFFUSERS))
+    names = list(BACKBONES)
+    if not args.no_diffusers:
+        try:
+            import diffusers  # noqa: F401
+        except ImportError:
+            raise SystemExit("tread-fx backbones: the diffusers rows need `pip install "
+                             "diffusers`; or pass --no-diffusers") from None
+        names += list(DIFFUSERS)
     print("| backbone | traced by | blocks | side inputs gathered | prefix kept | "
           "ratio 0 bit-equal | eval equal | r=0.5 trains |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
