@@ -27,7 +27,7 @@ from tread_fx.spec import Route, kept_count
 
 from .find_blocks import BlockChain
 from .token_axes import (RoutePlan, block_nodes, hidden_input, hidden_output, data_flow,
-                         plan_routes)
+                         plan_routes, side_outputs)
 
 __all__ = ["RouteEscapeError", "insert_routes", "selector_target", "TREAD_META"]
 
@@ -49,12 +49,6 @@ def _set_hidden_input(node: fx.Node, key, value: fx.Node) -> None:
         node.args = tuple(args)
     else:
         node.kwargs = {**node.kwargs, key: value}
-
-
-def _side_outputs(blocks: Sequence[fx.Node], hidden_out: Sequence[int | None]) -> set[fx.Node]:
-    """Tuple elements of block outputs other than the hidden state (other streams, gates)."""
-    return {u for b, out in zip(blocks, hidden_out) if out is not None for u in b.users
-            if u.op == "call_function" and u.args[1] != out}
 
 
 def _check_no_escape(graph: fx.Graph, gather: fx.Node, scatter: fx.Node, label: str,
@@ -169,8 +163,7 @@ def insert_routes(graph: fx.Graph, chain: BlockChain, routes: Sequence[Route],
             current[node] = back
         for node, role in ((select, "select"), (gather, "gather"), (scatter, "scatter")):
             node.meta[TREAD_META] = {**meta, "role": role}
-        side = _side_outputs(blocks[route.start:route.end + 1],
-                             chain.hidden_out[route.start:route.end + 1])
+        side = side_outputs(blocks[route.start:route.end + 1], chain)
         _check_no_escape(graph, gather, scatter, label, side)
         _guard_side_outputs(graph, side, set(blocks[route.start:route.end + 1]),
                             x_in, select, label)

@@ -33,9 +33,10 @@ from torch import fx
 from tread_fx.spec import Route
 
 from .find_blocks import BlockChain
+from .trace import shape_tree
 
 __all__ = ["RoutePlan", "SideInput", "TokenAxisError", "detect_prefix", "plan_routes",
-           "probe_shapes"]
+           "probe_shapes", "side_outputs"]
 
 
 class TokenAxisError(ValueError):
@@ -70,14 +71,6 @@ class RoutePlan:
 
 # -- shapes -----------------------------------------------------------------------------
 
-def _shape_of(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return tuple(value.shape)
-    if isinstance(value, (list, tuple)):
-        return tuple(_shape_of(v) for v in value)
-    return None
-
-
 def probe_shapes(module: torch.nn.Module, graph: fx.Graph, args: Sequence[Any],
                  constants: Mapping[str, torch.Tensor]) -> dict[fx.Node, Any]:
     """Shapes of every node of ``graph`` when ``module``'s modules run it on ``args``.
@@ -94,7 +87,7 @@ def probe_shapes(module: torch.nn.Module, graph: fx.Graph, args: Sequence[Any],
 
         def run_node(self, n):
             result = super().run_node(n)
-            shapes[n] = _shape_of(result)
+            shapes[n] = shape_tree(result)
             return result
 
     with torch.no_grad():
@@ -297,11 +290,12 @@ def plan_routes(graph: fx.Graph, chain: BlockChain, routes: Sequence[Route],
         plan.side = list(seen.values())
         plan.shared_indices = any(s.routed and not s.batched for s in plan.side)
         # values computed on the kept tokens and used after the route
+        side = side_outputs(span, chain)
         for node in [n for n in graph.nodes if n in inside and n is not out]:
-            if _is_side_output(node, span, chain):
+            if node in side:
                 continue   # checked at run time
             outside = [u for u in node.users if u not in inside and u is not out
-                       and not _is_side_output(u, span, chain)]
+                       and u not in side]
             if outside:
                 if shapes is not None and shapes.get(node) == hidden:
                     plan.escapes.append(node)
@@ -316,11 +310,14 @@ def plan_routes(graph: fx.Graph, chain: BlockChain, routes: Sequence[Route],
     return plans
 
 
-def _is_side_output(node: fx.Node, span: list[fx.Node], chain: BlockChain) -> bool:
-    """A non-hidden tuple element of a span block (checked at run time instead)."""
-    if node.op != "call_function" or node.target is not operator.getitem:
-        return False
-    block = node.args[0]
-    if block not in span:
-        return False
-    return node.args[1] != chain.hidden_out[chain.targets.index(block.target)]
+def side_outputs(span: Sequence[fx.Node], chain: BlockChain) -> set[fx.Node]:
+    """Tuple elements of the span blocks' outputs other than the hidden state (another
+    token stream, a gate): they may leave a route, checked at run time instead."""
+    side = set()
+    for block in span:
+        out = chain.hidden_out[chain.targets.index(block.target)]
+        if out is None:
+            continue
+        side |= {u for u in block.users if u.op == "call_function"
+                 and u.target is operator.getitem and u.args[1] != out}
+    return side

@@ -28,7 +28,7 @@ import torch
 from torch import fx, nn
 
 __all__ = ["TraceError", "Traced", "bind_inputs", "frozen_state", "preserved_modes",
-           "trace_modes"]
+           "shape_tree", "trace_modes"]
 
 _VALUE = "tread_concrete_value"
 # Tensor metadata that is read as a plain value while tracing concretely.
@@ -226,6 +226,17 @@ def frozen_state(model: nn.Module) -> Iterator[None]:
                 b.copy_(saved)
 
 
+def shape_tree(value: Any) -> Any:
+    """The shapes in a value: a tensor's shape tuple, nested like the value; None otherwise."""
+    if isinstance(value, torch.Tensor):
+        return tuple(value.shape)
+    if isinstance(value, (list, tuple)):
+        return tuple(shape_tree(v) for v in value)
+    if isinstance(value, dict):
+        return {k: shape_tree(v) for k, v in value.items()}
+    return None
+
+
 def bind_inputs(model: nn.Module, example_inputs: Any) -> dict[str, Any]:
     """Example inputs (tuple, dict or tensor) as ``{forward parameter name: value}``."""
     sig = inspect.signature(model.forward)
@@ -264,13 +275,11 @@ def trace_modes(model: nn.Module, leaves: Iterable[nn.Module],
             ) from fx_error.__cause__
         inputs = bind_inputs(model, example_inputs)
         traced = _trace(model, lambda: _ConcreteTracer(leaves, inputs), None, "concrete",
-                        {k: _shape_tree(v) for k, v in inputs.items()
+                        {k: shape_tree(v) for k, v in inputs.items()
                          if isinstance(v, torch.Tensor)})
         traced.baked = {k: v for k, v in inputs.items() if not isinstance(v, torch.Tensor)}
         return traced
 
-
-from tread_fx.module import _shape_tree  # noqa: E402  (one definition of the shape record)
 
 
 def _trace(model: nn.Module, make_tracer, concrete_args, front_end: str,

@@ -57,15 +57,28 @@ def _check_chain(chain: BlockChain, groups, graphs: dict[str, fx.Graph], hidden,
             )
 
 
+def _dense_graphs(routed: TreadGraphModule) -> dict[str, fx.Graph]:
+    """Copies of a routed module's graphs with the routes taken out."""
+    graphs = {"train": copy.deepcopy(routed.graph)}
+    if routed._eval_graph is not None:
+        graphs["eval"] = copy.deepcopy(routed._eval_graph)
+    for g in graphs.values():
+        remove_routes(g)
+    return graphs
+
+
+def _require_routed(routed: nn.Module, caller: str) -> TreadGraphModule:
+    if not isinstance(routed, TreadGraphModule):
+        raise TypeError(f"{caller}() takes a module returned by tread_fx.route(), got "
+                        f"{type(routed).__name__}; under torch.compile or DDP pass the routed "
+                        f"module itself, not its wrapper")
+    return routed
+
+
 def _graphs_of(model: nn.Module, spec: RouteSpec, example_inputs: Any):
     """Trace (or take) the model's graphs and find its block chain."""
     if isinstance(model, TreadGraphModule):
-        graphs = {"train": copy.deepcopy(model.graph)}
-        if model._eval_graph is not None:
-            graphs["eval"] = copy.deepcopy(model._eval_graph)
-        for g in graphs.values():
-            remove_routes(g)
-        traced = Traced(graphs, model.__dict__.get("front_end", "fx"), {},
+        traced = Traced(_dense_graphs(model), model.__dict__.get("front_end", "fx"), {},
                         model.__dict__.get("input_shapes"))
         traced.baked = model.__dict__.get("baked_inputs") or {}
     elif isinstance(model, fx.GraphModule):
@@ -178,28 +191,12 @@ def route(model: nn.Module, spec: Any, example_inputs: Any = None, *,
 
 def unroute(routed: nn.Module) -> TreadGraphModule:
     """A dense module with the routes of ``routed`` taken out (parameters still shared)."""
-    if not isinstance(routed, TreadGraphModule):
-        raise TypeError(f"unroute() takes a module returned by tread_fx.route(), got "
-                        f"{type(routed).__name__}")
-    train = copy.deepcopy(routed.graph)
-    remove_routes(train)
-    eval_graph = None
-    if routed._eval_graph is not None:
-        eval_graph = copy.deepcopy(routed._eval_graph)
-        remove_routes(eval_graph)
+    graphs = _dense_graphs(_require_routed(routed, "unroute"))
     name = type(routed).__name__
-    dense = TreadGraphModule(routed, train, eval_graph, {},
+    dense = TreadGraphModule(routed, graphs["train"], graphs.get("eval"), {},
                              class_name=name[len("Routed"):] if name.startswith("Routed") else name)
     dense.block_chain = getattr(routed, "block_chain", ())
     return dense
-
-
-def _selectors_of(routed: nn.Module, caller: str) -> list[TokenSelector]:
-    if not isinstance(routed, TreadGraphModule):
-        raise TypeError(f"{caller}() takes a module returned by tread_fx.route(), got "
-                        f"{type(routed).__name__}; under torch.compile or DDP pass the routed "
-                        f"module itself, not its wrapper")
-    return routed.selectors
 
 
 def kept_masks(routed: nn.Module) -> list[torch.Tensor]:
@@ -211,7 +208,7 @@ def kept_masks(routed: nn.Module) -> list[torch.Tensor]:
     reference to the indices they drew.
     """
     masks = []
-    for selector in _selectors_of(routed, "kept_masks"):
+    for selector in _require_routed(routed, "kept_masks").selectors:
         indices = selector.last_indices
         if indices is None:
             return []
@@ -230,7 +227,7 @@ def routing(routed: nn.Module, selection_ratio: float | None = None) -> Iterator
         with tread_fx.routing(routed, 0.3):
             v_strong = routed(x, t, y)
     """
-    selectors = _selectors_of(routed, "routing")
+    selectors = _require_routed(routed, "routing").selectors
     if selection_ratio is not None:
         for s in selectors:
             s.check_ratio(selection_ratio)

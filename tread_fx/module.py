@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from tread_fx.passes.trace import shape_tree
+
 __all__ = ["TreadGraphModule"]
 
 _HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
@@ -17,16 +19,6 @@ _HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_a
                "_load_state_dict_post_hooks")
 # Attributes route() sets that copies must keep.
 _EXTRA_ATTRS = ("block_chain", "route_spec", "front_end", "input_shapes", "baked_inputs")
-
-
-def _shape_tree(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return tuple(value.shape)
-    if isinstance(value, (list, tuple)):
-        return tuple(_shape_tree(v) for v in value)
-    if isinstance(value, dict):
-        return {k: _shape_tree(v) for k, v in value.items()}
-    return None
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -88,9 +80,9 @@ class TreadGraphModule(fx.GraphModule):
         tread = nn.Module()
         for name, module in (selectors or {}).items():
             tread.add_module(name, module)
-        old = root._modules.get("_tread")
-        for name, value in dict(constants or {}, **({} if old is None else dict(
-                old._buffers))).items():
+        previous = root._modules.get("_tread")   # a routed root keeps its constants
+        for name, value in {**(constants or {}),
+                            **(previous._buffers if previous is not None else {})}.items():
             tread.register_buffer(name, value, persistent=False)
         self._modules["_tread"] = tread
         self.training = root.training
@@ -154,7 +146,7 @@ class TreadGraphModule(fx.GraphModule):
         for name, expected in self.input_shapes.items():
             if name not in given:
                 continue
-            got = _shape_tree(given[name])
+            got = shape_tree(given[name])
             if got != expected:
                 raise ValueError(
                     f"{type(self).__name__} was traced on example inputs (its forward branches "
