@@ -7,12 +7,13 @@ first training step or, worse, never.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Collection, Mapping, Sequence
 
 from torch import fx, nn
 
 from .insert_routes import TREAD_META
-from .trace import frozen_state
+from .token_axes import TokenAxisError
+from .trace import frozen_state, shape_tree
 
 __all__ = ["RoutingSafetyError", "check_routes"]
 
@@ -32,14 +33,33 @@ def _route_of(graph: fx.Graph) -> dict[str, str]:
     return covered
 
 
-def check_routes(routed: nn.Module, args: Sequence[Any]) -> None:
-    """Run ``routed``'s train graph on ``args`` with routing on; raise naming the block."""
+def check_routes(routed: nn.Module, args: Sequence[Any],
+                 dense_shapes: Mapping[fx.Node, Any] | None = None,
+                 inside: Collection[fx.Node] = ()) -> None:
+    """Run ``routed``'s train graph on ``args`` with routing on; raise naming the block.
+
+    With the shapes of the dense graph's nodes (``dense_shapes``, probed before the
+    rewrite), every node outside the routes (``inside``) must have its dense shape: one
+    that changed carries kept tokens out of a route (a block's second output, say).
+    """
     covered = _route_of(routed.graph)
+    dense_shapes = dense_shapes or {}
 
     class _Check(fx.Interpreter):
         def run_node(self, n):
             try:
-                return super().run_node(n)
+                result = super().run_node(n)
+                if n in dense_shapes and n not in inside and \
+                        shape_tree(result) != dense_shapes[n]:
+                    source = [a for a in n.all_input_nodes if a in inside]
+                    raise TokenAxisError(
+                        f"{n.name!r} has shape {shape_tree(result)} when the model is routed "
+                        f"but {dense_shapes[n]} dense: it is computed outside the routes "
+                        f"from a value that carries only the kept tokens"
+                        f"{f' ({source[0].name!r})' if source else ''}. A block output other "
+                        f"than the hidden state cannot leave a route on the token axis; end "
+                        f"the route before that block, or use only its hidden-state output")
+                return result
             except Exception as err:  # noqa: BLE001 - re-raised with the block's name
                 if n.op == "call_module" and n.target in covered:
                     raise RoutingSafetyError(
@@ -59,3 +79,4 @@ def check_routes(routed: nn.Module, args: Sequence[Any]) -> None:
         finally:
             for s in selectors:
                 s.last_indices = None
+                s._generators.clear()   # a seeded selection starts afresh at training

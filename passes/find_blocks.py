@@ -69,8 +69,17 @@ def _param_signature(m: nn.Module) -> tuple:
     return tuple((n, tuple(p.shape)) for n, p in m.named_parameters())
 
 
+def _is_composite(m: nn.Module) -> bool:
+    """A block is built of layers; a lone layer (the norms beside the blocks) is not one."""
+    return next(m.children(), None) is not None
+
+
 def find_candidates(model: nn.Module, container: str | None = None) -> list[CandidateGroup]:
     """Groups of >= 2 sibling modules of the same class and parameter shapes.
+
+    Only modules made of submodules qualify: same-class single layers beside the blocks
+    (timm's ``norm_pre`` and ``norm``) would otherwise join the chain and shift the route
+    indices away from the blocks' own.
 
     Only the outermost groups are returned (a group nested inside a member of another group
     is invisible once that member is a leaf).  With ``container``, only the children of
@@ -99,7 +108,7 @@ def find_candidates(model: nn.Module, container: str | None = None) -> list[Cand
         by_sig = {}
         for name, child in parent.named_children():
             sig = _param_signature(child)
-            if not sig:
+            if not sig or not _is_composite(child):
                 continue
             qual = f"{parent_name}.{name}" if parent_name else name
             group = by_sig.setdefault((type(child), sig), CandidateGroup(parent_name, type(child), []))

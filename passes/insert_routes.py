@@ -111,16 +111,18 @@ def insert_routes(graph: fx.Graph, chain: BlockChain, routes: Sequence[Route],
         covered = tuple(chain.targets[route.start:route.end + 1])
         label = f"route {i} ({route}, blocks {covered[0]}..{covered[-1]})"
         meta = {"route_index": i, "route": route, "blocks": covered, "label": label,
-                "prefix": plan.prefix, "shared": plan.shared_indices}
+                "fixed": plan.fixed, "axes": plan.axes, "shared": plan.shared_indices}
         if plan.tokens is not None:
+            fixed = sum(plan.fixed)
             meta.update(tokens=plan.tokens,
-                        kept=plan.prefix + kept_count(plan.tokens - plan.prefix,
-                                                      route.selection_ratio, label))
+                        kept=fixed + kept_count(plan.tokens - fixed, route.selection_ratio,
+                                                label))
+        axes = () if plan.axes == (0, 1) else (plan.axes,)
         x_in = hidden_input(first, chain.hidden_in[route.start])
         with graph.inserting_before(first):
             select = graph.create_node("call_module", selector_target(i), (x_in,), {},
                                        name=f"tread_select_{i}")
-            gather = graph.create_node("call_function", gather_tokens, (x_in, select), {},
+            gather = graph.create_node("call_function", gather_tokens, (x_in, select, *axes), {},
                                        name=f"tread_gather_{i}")
         order = {n: k for k, n in enumerate(graph.nodes)}
         for k, side in enumerate(plan.side):
@@ -131,7 +133,7 @@ def insert_routes(graph: fx.Graph, chain: BlockChain, routes: Sequence[Route],
                 if side.routed:
                     new = graph.create_node(
                         "call_function", gather_side,
-                        (value, select, side.axes, side.offset, side.batched), {},
+                        (value, select, side.axes, side.offset, side.batch_axis), {},
                         name=f"tread_side_{i}_{k}")
                     new.meta[TREAD_META] = {**meta, "role": "side", "arg": side.arg,
                                             "axes": side.axes, "offset": side.offset}
@@ -148,7 +150,7 @@ def insert_routes(graph: fx.Graph, chain: BlockChain, routes: Sequence[Route],
         out = hidden_output(last, chain.hidden_out[route.end])
         with graph.inserting_after(out):
             scatter = graph.create_node("call_function", scatter_tokens,
-                                        (x_in, out, select, label), {},
+                                        (x_in, out, select, label, *axes), {},
                                         name=f"tread_scatter_{i}")
         out.replace_all_uses_with(scatter, delete_user_cb=lambda user: user is not scatter)
         current[out] = scatter
@@ -156,7 +158,7 @@ def insert_routes(graph: fx.Graph, chain: BlockChain, routes: Sequence[Route],
             outside = [u for u in node.users if u not in plan.inside]
             with graph.inserting_after(node):
                 back = graph.create_node("call_function", scatter_tokens,
-                                         (x_in, node, select, label), {},
+                                         (x_in, node, select, label, *axes), {},
                                          name=f"tread_scatter_{i}_{node.name}")
             back.meta[TREAD_META] = {**meta, "role": "scatter_escape"}
             _replace_uses(node, back, outside)
@@ -165,8 +167,9 @@ def insert_routes(graph: fx.Graph, chain: BlockChain, routes: Sequence[Route],
             node.meta[TREAD_META] = {**meta, "role": role}
         side = side_outputs(blocks[route.start:route.end + 1], chain)
         _check_no_escape(graph, gather, scatter, label, side)
-        _guard_side_outputs(graph, side, set(blocks[route.start:route.end + 1]),
-                            x_in, select, label)
+        if not plan.shapes_known:   # with shapes, check_routes compares them instead
+            _guard_side_outputs(graph, side, set(blocks[route.start:route.end + 1]),
+                                x_in, select, label)
         inserted.append(meta)
     graph.lint()
     return inserted

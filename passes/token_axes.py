@@ -16,6 +16,13 @@ back like the hidden state when they have its shape; otherwise there is no corre
 and the analysis raises, naming the node.  Ambiguous shapes (the token count equal to the
 batch size or to the hidden width of a per-sample vector) raise with the annotation to add.
 
+Batch axes are never guessed from a size match: the user's blocks are observed once more
+at another batch size (:func:`probe_block_io`), and the axes that changed are the batch
+axes.  The hidden stream's token axis is its one axis that is neither the batch nor the
+feature (last) axis; a stream with several (``[B, H, W, C]``) is refused.  Which of its rows
+may be routed follows from where they come from (:func:`fixed_rows`): only rows computed
+from the image input; class, time, text and padding rows stay, wherever they sit.
+
 Without shapes nothing can be classified: side inputs then pass untouched and a run-time
 check refuses any that turns out to have a dimension of the token count.
 """
@@ -35,8 +42,8 @@ from tread_fx.spec import Route
 from .find_blocks import BlockChain
 from .trace import shape_tree
 
-__all__ = ["RoutePlan", "SideInput", "TokenAxisError", "detect_prefix", "plan_routes",
-           "probe_shapes", "side_outputs"]
+__all__ = ["RoutePlan", "SideInput", "TokenAxisError", "fixed_rows", "plan_routes",
+           "probe_block_io", "probe_shapes", "side_outputs"]
 
 
 class TokenAxisError(ValueError):
@@ -51,11 +58,15 @@ class SideInput:
     arg: str                 # "<block target>:<argument>" for messages
     axes: tuple[int, ...]    # token axes; empty = passes untouched
     offset: int = 0          # rows of another stream before the image tokens
-    batched: bool = True     # dim 0 is the batch
+    batch_axis: int | None = 0   # None: no batch axis (a table shared by the batch)
 
     @property
     def routed(self) -> bool:
         return bool(self.axes)
+
+    @property
+    def batched(self) -> bool:
+        return self.batch_axis is not None
 
 
 @dataclass
@@ -64,7 +75,8 @@ class RoutePlan:
     side: list[SideInput] = field(default_factory=list)
     escapes: list[fx.Node] = field(default_factory=list)   # scattered back after the route
     shared_indices: bool = False   # a batch-less table needs one index set for the batch
-    prefix: int = 0                # leading tokens that are never routed
+    fixed: tuple[int, int] = (0, 0)   # never-routed rows at the start / end of the tokens
+    axes: tuple[int, int] = (0, 1)    # batch and token axis of the hidden state
     shapes_known: bool = False
     tokens: int | None = None      # token count of the hidden state, when shapes are known
 
@@ -161,131 +173,400 @@ def span_nodes(flow: nx.DiGraph, blocks: list[fx.Node], out: fx.Node) -> set[fx.
     return ({first} | nx.descendants(flow, first)) & (nx.ancestors(flow, out) | {out})
 
 
+# -- batch axes: the blocks observed at another batch size --------------------------------
+
+def _items(args: tuple, kwargs: dict):
+    """(argument name, value) of a call, tuples flattened: the names of
+    :func:`_argument_items`, for run-time values."""
+    def walk(name, value):
+        if isinstance(value, (list, tuple)):
+            for i, v in enumerate(value):
+                yield from walk(f"{name}[{i}]", v)
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                yield from walk(f"{name}[{k!r}]", v)
+        else:
+            yield name, value
+    for i, a in enumerate(args):
+        yield from walk(str(i), a)
+    for k, a in kwargs.items():
+        yield from walk(k, a)
+
+
+def _grow_batch(value: Any, batch: int) -> Any:
+    """The example with one more sample: every tensor whose first axis is the batch grows."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() and value.shape[0] == batch:
+            return torch.cat([value, value[:1]])
+        return value
+    if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
+        return type(value)(_grow_batch(v, batch) for v in value)
+    if isinstance(value, dict):
+        return {k: _grow_batch(v, batch) for k, v in value.items()}
+    return value
+
+
+def probe_block_io(model: torch.nn.Module, args: tuple, kwargs: dict,
+                   targets: Sequence[str]) -> tuple[dict[str, dict[str, Any]], str | None]:
+    """Shapes of every argument and output of the blocks ``targets`` when the user's model
+    runs at one more sample than the example (first tensor's first axis is the batch).
+
+    Compared with the shapes at the example's batch size, the axes that changed are the
+    batch axes; nothing is inferred from a size that happens to equal the batch size.
+    Returns ``({target: {argument: shape, "out": shape}}, None)``, or ``({}, reason)`` when
+    the model cannot run at the other batch size.  The caller freezes the model's state.
+    """
+    tensors = [v for _, v in _items(args, kwargs) if isinstance(v, torch.Tensor) and v.dim()]
+    if not tensors:
+        return {}, "no tensor input has a batch axis"
+    batch = tensors[0].shape[0]
+    seen: dict[str, dict[str, Any]] = {}
+    handles = []
+    for t in targets:
+        def pre(mod, a, kw, t=t):
+            seen.setdefault(t, {}).update((n, shape_tree(v)) for n, v in _items(a, kw))
+
+        def post(mod, a, kw, out, t=t):
+            seen.setdefault(t, {})["out"] = shape_tree(out)
+        block = model.get_submodule(t)
+        handles.append(block.register_forward_pre_hook(pre, with_kwargs=True))
+        handles.append(block.register_forward_hook(post, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            model(*_grow_batch(args, batch), **_grow_batch(kwargs, batch))
+    except Exception as err:  # noqa: BLE001 - reported by the caller where it matters
+        return {}, f"{type(err).__name__}: {err}"
+    finally:
+        for h in handles:
+            h.remove()
+    return seen, None
+
+
+def _changed_axes(shape: Any, other: Any) -> tuple[int, ...] | None:
+    if not (isinstance(shape, tuple) and isinstance(other, tuple)) or len(shape) != len(other) \
+            or not all(isinstance(d, int) for d in shape + other):
+        return None
+    return tuple(i for i, (a, b) in enumerate(zip(shape, other)) if a != b)
+
+
+def hidden_axes(shape: tuple, other: Any, where: str) -> tuple[int, int]:
+    """Batch and token axis of the hidden state, from its shapes at two batch sizes."""
+    changed = _changed_axes(shape, other)
+    if changed is None:
+        if len(shape) != 3:
+            raise TokenAxisError(
+                f"{where}: the hidden state has shape {shape}, and without observing the "
+                f"blocks at another batch size its token axis cannot be decided; tread_fx "
+                f"routes a [batch, tokens, features] stream")
+        return 0, 1
+    if len(changed) != 1:
+        raise TokenAxisError(f"{where}: the hidden state's shape {shape} changes on axes "
+                             f"{changed} with the batch size; cannot tell the batch axis")
+    batch = changed[0]
+    tokens = [i for i in range(len(shape)) if i != batch and i != len(shape) - 1]
+    if len(tokens) != 1:
+        raise TokenAxisError(
+            f"{where}: the hidden state has shape {shape} with batch axis {batch}, so "
+            f"{'several axes' if tokens else 'no axis'} ({tokens}) besides the feature axis "
+            f"could be the token axis; tread_fx routes a stream with one token axis "
+            f"([B, N, D] or [N, B, D]). Blocks that need a token grid ([B, H, W, C], window "
+            f"attention) cannot be routed; leave them out of the routes")
+    return batch, tokens[0]
+
+
 # -- classification ---------------------------------------------------------------------
 
 def _base_name(arg: str) -> str:
     return arg.split(":", 1)[1].split("[", 1)[0]
 
 
-def _classify(side: SideInput, shape: Any, hidden: tuple, others: list[int],
-              annotations: Mapping[Any, Any]) -> SideInput:
+def _annotation(side: SideInput, annotations: Mapping[Any, Any], param_names: Sequence[str],
+                used: set) -> tuple[bool, Any]:
+    """The ``token_inputs`` entry for a side input, by argument name or position."""
     name = _base_name(side.arg)
-    key = int(name) if name.isdigit() else name
-    if key in annotations:
-        axis = annotations[key]
-        if axis is None:
-            return side
-        axes = (axis,) if isinstance(axis, int) else tuple(axis)
-        batched = isinstance(shape, tuple) and bool(shape) and isinstance(shape[0], int) \
-            and shape[0] == hidden[0] and 0 not in axes
-        side.axes, side.batched = axes, batched
+    keys = [name]
+    if name.isdigit():
+        keys.append(int(name))
+        if int(name) < len(param_names):
+            keys.append(param_names[int(name)])
+    elif name in param_names:
+        keys.append(param_names.index(name))
+    for key in keys:
+        if key in annotations:
+            used.add(key)
+            return True, annotations[key]
+    return False, None
+
+
+def _annotated(side: SideInput, axis: Any, shape: Any, batch_axes: tuple[int, ...] | None,
+               hidden_batch: int) -> SideInput:
+    if axis is None:
         return side
+    axes = (axis,) if isinstance(axis, int) else tuple(axis)
+    if batch_axes is not None:
+        side.batch_axis = batch_axes[0] if len(batch_axes) == 1 else None
+    elif isinstance(shape, tuple):
+        side.batch_axis = 0 if shape and shape[0] == hidden_batch and 0 not in axes else None
+    else:   # no shapes: a table whose axis 0 is the token axis has no batch axis
+        side.batch_axis = None if 0 in axes else 0
+    side.axes = axes
+    return side
+
+
+def _classify(side: SideInput, shape: Any, batch_axes: tuple[int, ...] | None, batch: int,
+              tokens: int, width: int | None, others: list[int], hint_key: Any) -> SideInput:
     if not (isinstance(shape, tuple) and all(isinstance(d, int) for d in shape)):
         return side  # not a tensor (tuples are flattened by the caller)
-    batch, tokens = hidden[0], hidden[1]
-    width = hidden[-1] if len(hidden) > 2 else None
+    if batch_axes is not None and len(batch_axes) > 1:
+        raise TokenAxisError(f"{side.arg} ({side.node.name}, shape {shape}): several axes "
+                             f"{batch_axes} change with the batch size")
+    if batch_axes is None:   # not observed at another batch size: the first axis, by size
+        batch_axis = 0 if shape and shape[0] == batch else None
+    else:
+        batch_axis = batch_axes[0] if batch_axes else None
     # The last axis of a [B, ..., width] tensor is its feature axis, even when the width
     # happens to equal the token count (a text stream [B, T, D] with D == N).
     features = len(shape) - 1 if len(shape) >= 3 and shape[-1] == width else None
-    axes = tuple(i for i, d in enumerate(shape) if d == tokens and i != features)
+    axes = tuple(i for i, d in enumerate(shape)
+                 if d == tokens and i != features and i != batch_axis)
     offset = 0
-    if not axes:
-        joint = [(i, d - tokens) for i, d in enumerate(shape) if d - tokens in others]
-        if len(joint) == 1:
-            axes, offset = (joint[0][0],), joint[0][1]
+    joint = [(i, d - tokens) for i, d in enumerate(shape)
+             if i != batch_axis and d - tokens in others]
+    hint = (f"tell route() with token_inputs={{{hint_key!r}: <token axis>}} or "
+            f"token_inputs={{{hint_key!r}: None}} (not per-token)")
+    if axes and len(joint) == 1:
+        raise TokenAxisError(
+            f"{side.arg} ({side.node.name}, shape {shape}): axis {axes[0]} has the token "
+            f"count {tokens} and axis {joint[0][0]} the length of another stream plus the "
+            f"token count (a joint table whose width equals N?); which one holds the tokens "
+            f"is ambiguous; {hint}")
+    if not axes and len(joint) == 1:
+        axes, offset = (joint[0][0],), joint[0][1]
     if not axes:
         return side
-    hint = (f"tell route() with token_inputs={{{key!r}: <token axis>}} or "
-            f"token_inputs={{{key!r}: None}} (not per-token)")
     square = len(axes) == 2 and axes == (len(shape) - 2, len(shape) - 1) and len(shape) >= 3
     if len(axes) > 1 and not square:
         raise TokenAxisError(
             f"{side.arg} ({side.node.name}, shape {shape}): several axes have the token count "
             f"{tokens}, so which one holds the tokens is ambiguous (a [N, N] mask, or a "
             f"table whose width equals N?); {hint}")
-    if batch == tokens and shape and shape[0] == batch:
+    if batch_axes is None and batch == tokens and shape and shape[0] == batch:
         raise TokenAxisError(
             f"{side.arg} ({side.node.name}, shape {shape}): the example batch size equals "
             f"the token count {tokens}, so the batch and token axes cannot be told apart; "
             f"use example inputs with another batch size, or {hint}")
-    if width == tokens and len(shape) == 2 and shape[0] == batch:
+    if width == tokens and len(shape) == 2 and batch_axis == 0:
         return side  # [B, width]: taken as a per-sample vector; annotate a per-token one
-    batched = shape[0] == batch and 0 not in axes
-    side.axes, side.offset, side.batched = axes, offset, batched
+    side.axes, side.offset, side.batch_axis = axes, offset, batch_axis
     return side
 
 
-def detect_prefix(graph: fx.Graph, chain_input: fx.Node, shapes: Mapping | None) -> int | None:
-    """Leading tokens concatenated in front of the patch tokens (class, time, label tokens).
+# -- which rows may be routed -----------------------------------------------------------
 
-    Walks back from the chain's input through shape-preserving operations to a
-    ``torch.cat`` on the token axis; everything before its last (largest) operand is a
-    prefix.  Returns None when a concatenation is found but its sizes are unknown.
+_META_ATTRS = {"shape", "dtype", "device", "ndim", "is_cuda", "layout", "requires_grad"}
+_META_METHODS = {"size", "dim", "numel", "type", "get_device", "is_contiguous", "stride"}
+IMAGE_NAMES = ("hidden_states", "x", "sample", "latents", "latent", "img", "image", "video",
+               "audio", "z", "x_t")
+
+
+def _is_metadata(node: fx.Node) -> bool:
+    """A node that reads a tensor's metadata, not its values."""
+    if node.op == "call_function" and node.target is getattr:
+        return node.args[1] in _META_ATTRS
+    if node.op == "call_method":
+        return node.target in _META_METHODS
+    if node.op == "call_function" and getattr(node.target, "__name__", "") in (
+            "sym_size", "sym_numel", "sym_stride"):
+        return True
+    return False
+
+
+def _value_descendants(sources: Sequence[fx.Node]) -> set[fx.Node]:
+    """Nodes whose values are computed from ``sources``' values (metadata reads cut)."""
+    seen, todo = set(sources), list(sources)
+    while todo:
+        for user in todo.pop().users:
+            if user not in seen and not _is_metadata(user):
+                seen.add(user)
+                todo.append(user)
+    return seen
+
+
+def _image_inputs(graph: fx.Graph, chain_input: fx.Node) -> list[fx.Node]:
+    """The forward's image input: the placeholder (of those that reach the blocks) named
+    like one, else the first."""
+    upstream = nx.ancestors(data_flow(graph), chain_input) | {chain_input}
+    places = [n for n in graph.nodes if n.op == "placeholder" and n in upstream]
+    named = [n for n in places if n.target.lstrip("*") in IMAGE_NAMES]
+    return named[:1] or places[:1]
+
+
+def _cat_dim(node: fx.Node) -> Any:
+    if node.op == "call_function" and node.target is torch.cat:
+        return node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+    return None
+
+
+def fixed_rows(graph: fx.Graph, chain_input: fx.Node, shapes: Mapping | None,
+               token_axis: int = 1) -> tuple[int, int] | None:
+    """Rows of the blocks' input that must never be routed: ``(head, tail)``.
+
+    Follows the chain's input back to the concatenations on the token axis that built it;
+    each concatenated part is image rows (computed from the image input) or not (class,
+    register, time, text tokens, padding).  The image rows must be one contiguous run;
+    everything before it is ``head``, after it ``tail``.  Without shapes the sizes are
+    unknown: returns ``None`` when a concatenation on the token axis may build the input
+    (the caller refuses), ``(0, 0)`` otherwise.
     """
-    node = chain_input
-    for _ in range(8):
-        if node.op == "call_function" and node.target is torch.cat:
-            parts = node.args[0]
-            dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
-            if shapes is None:
-                return None if dim in (1, -2) else 0
-            shape = shapes.get(node)
-            if not shape or dim not in (1, 1 - len(shape)):
-                return 0
-            sizes = [shapes[p][1] for p in parts]
-            return sum(sizes[:-1]) if sizes[-1] == max(sizes) else 0
-        same = [i for i in node.all_input_nodes
-                if shapes is None or shapes.get(i) == shapes.get(node)]
-        if node.op in ("placeholder", "get_attr", "call_module") or not same:
-            return 0
-        node = same[0]
-    return 0
+    if shapes is None:
+        todo, seen = [chain_input], set()
+        while todo:
+            node = todo.pop()
+            if node in seen:
+                continue
+            seen.add(node)
+            if _cat_dim(node) in (1, -2):
+                return None
+            todo.extend(i for i in node.all_input_nodes if not _is_metadata(i))
+        return (0, 0)
+    image = _value_descendants(_image_inputs(graph, chain_input))
+    rank = len(shapes[chain_input])
+    memo: dict[fx.Node, Any] = {}
+
+    def rows(node: fx.Node) -> list[tuple[int, bool]] | None:
+        """[(length, is image)] along the token axis, or None if not token-aligned."""
+        if node in memo:
+            return memo[node]
+        memo[node] = None
+        shape = shapes.get(node)
+        if not (isinstance(shape, tuple) and len(shape) == rank
+                and all(isinstance(d, int) for d in shape)):
+            return None
+        whole = [(shape[token_axis], node in image)]
+        dim = _cat_dim(node)
+        if dim is not None and dim % rank == token_axis:
+            parts = []
+            for p in node.args[0]:
+                got = rows(p) or [(shapes[p][token_axis], p in image)]
+                parts += got
+            result = parts
+        elif node.op in ("placeholder", "get_attr"):
+            result = whole
+        else:
+            aligned = [i for i in node.all_input_nodes if isinstance(shapes.get(i), tuple)
+                       and len(shapes[i]) == rank and shapes[i][token_axis] == shape[token_axis]]
+            layouts = {tuple(r) for r in map(rows, aligned) if r and len(r) > 1}
+            if len(layouts) > 1:
+                raise TokenAxisError(
+                    f"{node.name!r} combines token sequences laid out differently "
+                    f"({sorted(layouts)}); which rows are image tokens cannot be decided. "
+                    f"Pass prefix_tokens=<count> to route()")
+            result = list(layouts.pop()) if layouts else whole
+        merged: list[tuple[int, bool]] = []
+        for length, is_image in result:
+            if merged and merged[-1][1] == is_image:
+                merged[-1] = (merged[-1][0] + length, is_image)
+            else:
+                merged.append((length, is_image))
+        memo[node] = merged
+        return merged
+
+    layout = rows(chain_input) or [(shapes[chain_input][token_axis], True)]
+    if len(layout) == 1:
+        return (0, 0)
+    runs = [i for i, (_, is_image) in enumerate(layout) if is_image]
+    if len(runs) != 1:
+        parts = " + ".join(f"{n} {'image' if im else 'other'}" for n, im in layout)
+        raise TokenAxisError(
+            f"the blocks' input {chain_input.name!r} concatenates {parts} rows; "
+            f"tread_fx routes one contiguous run of image rows and keeps the others. Pass "
+            f"prefix_tokens=<count> to route() if the leading rows are the only ones to keep")
+    head = sum(n for n, _ in layout[:runs[0]])
+    tail = sum(n for n, _ in layout[runs[0] + 1:])
+    return head, tail
 
 
 def plan_routes(graph: fx.Graph, chain: BlockChain, routes: Sequence[Route],
                 shapes: Mapping[fx.Node, Any] | None,
                 annotations: Mapping[Any, Any] | None = None,
-                prefix: int | None = None) -> list[RoutePlan]:
-    """One :class:`RoutePlan` per route, from the graph before the rewrite."""
+                prefix: int | None = None, root: torch.nn.Module | None = None,
+                other_batch: Mapping[str, Mapping[str, Any]] | None = None
+                ) -> list[RoutePlan]:
+    """One :class:`RoutePlan` per route, from the graph before the rewrite.
+
+    ``shapes`` come from :func:`probe_shapes` and ``other_batch`` from
+    :func:`probe_block_io` (the blocks' argument shapes at another batch size).
+    """
+    from .find_blocks import _param_names
     annotations = dict(annotations or {})
+    used: set = set()
+    other_batch = other_batch or {}
     blocks = block_nodes(graph, chain.targets)
     flow = data_flow(graph)
     chain_input = hidden_input(blocks[0], chain.hidden_in[0])
-    if prefix is None:
-        prefix = detect_prefix(graph, chain_input, shapes)
-        if prefix is None:
+    route_axes = []
+    for i, route in enumerate(routes):
+        first = blocks[route.start]
+        x_in = hidden_input(first, chain.hidden_in[route.start])
+        route_axes.append((0, 1) if shapes is None else hidden_axes(
+            shapes[x_in], other_batch.get(first.target, {}).get(str(chain.hidden_in[route.start])),
+            f"route {i} ({route}): block {first.target!r}"))
+    axes = route_axes[0]
+    if prefix is not None:
+        fixed = (prefix, 0)
+    else:
+        fixed = fixed_rows(graph, chain_input, shapes, axes[1])
+        if fixed is None:
             raise TokenAxisError(
-                f"the blocks' input {chain_input.name!r} is built by concatenating tokens "
-                f"(class, time or text tokens in front of the image tokens?) and without "
-                f"example inputs their count is unknown; pass example_inputs=... to route(), "
-                f"or prefix_tokens=<count> (0 routes them like every other token)")
+                f"the blocks' input {chain_input.name!r} may be built by concatenating tokens "
+                f"(class, time or text tokens beside the image tokens?) and without example "
+                f"inputs their count is unknown; pass example_inputs=... to route(), or "
+                f"prefix_tokens=<count> (0 routes them like every other token)")
     plans = []
-    for route in routes:
+    for route, axes in zip(routes, route_axes):
         span = blocks[route.start:route.end + 1]
         x_in = hidden_input(span[0], chain.hidden_in[route.start])
+        x_key = str(chain.hidden_in[route.start])
         out = hidden_output(span[-1], chain.hidden_out[route.end])
         inside = span_nodes(flow, span, out)
-        plan = RoutePlan(inside=inside, prefix=prefix, shapes_known=shapes is not None)
+        plan = RoutePlan(inside=inside, fixed=fixed, axes=axes,
+                         shapes_known=shapes is not None)
         hidden = shapes.get(x_in) if shapes else None
         if hidden is not None:
-            plan.tokens = hidden[1]
+            plan.tokens = hidden[axes[1]]
         seen: dict[fx.Node, SideInput] = {}
         for block in [n for n in graph.nodes if n in inside]:
-            items = list(_argument_items(block)) if block in span else \
+            is_block = block in span
+            items = list(_argument_items(block)) if is_block else \
                 [(f"{i}", a) for i, a in enumerate(block.all_input_nodes)]
-            where = block.target if block in span else block.name
+            where = block.target if is_block else block.name
+            names = _param_names(root.get_submodule(block.target)) if is_block and root else []
+            observed = other_batch.get(block.target, {}) if is_block else {}
             for arg, value in items:
-                if value in inside or value is x_in or value in seen:
+                if value in inside or value in seen:
                     continue
+                if block is span[0] and arg == x_key:
+                    continue   # the stream itself, gathered by the route
                 side = SideInput(value, f"{where}:{arg}", ())
-                if hidden is not None:
+                found, axis = _annotation(side, annotations, names, used) if is_block \
+                    else (False, None)
+                shape = shapes.get(value) if shapes else None
+                batch_axes = _changed_axes(shape, observed.get(arg)) if shape else None
+                if found:
+                    side = _annotated(side, axis, shape, batch_axes,
+                                      hidden[axes[0]] if hidden else None)
+                elif hidden is not None:
                     stream_lengths = [shapes[v][1] for a, v in items
                                       if v is not value and v is not x_in and v not in inside
                                       and isinstance(shapes.get(v), tuple)
                                       and len(shapes[v]) >= 3 and shapes[v][0] == hidden[0]
                                       and isinstance(shapes[v][1], int)]
-                    side = _classify(side, shapes.get(value), hidden, stream_lengths,
-                                     annotations)
+                    name = _base_name(side.arg)
+                    key = names[int(name)] if name.isdigit() and int(name) < len(names) \
+                        else name
+                    side = _classify(side, shape, batch_axes, hidden[axes[0]],
+                                     hidden[axes[1]], hidden[-1] if len(hidden) > 2 else None,
+                                     stream_lengths, key)
                 seen[value] = side
         plan.side = list(seen.values())
         plan.shared_indices = any(s.routed and not s.batched for s in plan.side)
@@ -293,7 +574,7 @@ def plan_routes(graph: fx.Graph, chain: BlockChain, routes: Sequence[Route],
         side = side_outputs(span, chain)
         for node in [n for n in graph.nodes if n in inside and n is not out]:
             if node in side:
-                continue   # checked at run time
+                continue   # checked when the routed graph first runs
             outside = [u for u in node.users if u not in inside and u is not out
                        and u not in side]
             if outside:
@@ -307,6 +588,15 @@ def plan_routes(graph: fx.Graph, chain: BlockChain, routes: Sequence[Route],
                         f"the route by {user.name!r}; only values shaped like the hidden "
                         f"state {hidden} can be put back. End the route before it is made")
         plans.append(plan)
+    unknown = [k for k in annotations if k not in used]
+    if unknown:
+        takes = sorted({f"{n.target}:{a}" for p in plans for n in graph.nodes
+                        if n in p.inside and n.op == "call_module" for a, _ in
+                        _argument_items(n)})
+        raise ValueError(
+            f"token_inputs: {', '.join(repr(k) for k in unknown)} is not an argument that the "
+            f"routed blocks receive from outside their route; they take: {takes}. Name an "
+            f"argument by its name in the block's forward or its position")
     return plans
 
 

@@ -14,7 +14,7 @@ from tread_fx.passes.find_blocks import (BlockChain, NoBlocksFound, find_block_c
 from tread_fx.passes.insert_routes import insert_routes
 from tread_fx.passes.remove_routes import remove_routes
 from tread_fx.passes.check_routes import check_routes
-from tread_fx.passes.token_axes import plan_routes, probe_shapes
+from tread_fx.passes.token_axes import plan_routes, probe_block_io, probe_shapes
 from tread_fx.passes.trace import Traced, frozen_state, trace_modes
 
 from .module import TreadGraphModule
@@ -124,6 +124,42 @@ def _example_args(graph: fx.Graph, example_inputs: Any, baked: Mapping[str, Any]
                     f"keyword arguments, got {type(example_inputs).__name__}")
 
 
+def _wrapper_kind(model: nn.Module) -> str | None:
+    """The name of a wrapper that route() must not see through silently."""
+    from torch._dynamo.eval_frame import OptimizedModule
+    if isinstance(model, OptimizedModule):
+        return "torch.compile"
+    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        return type(model).__name__
+    for cls in type(model).__mro__:
+        if cls.__name__ in ("FullyShardedDataParallel", "FSDPModule"):
+            return cls.__name__
+    return None
+
+
+def _refuse_wrappers(model: nn.Module) -> None:
+    kind = _wrapper_kind(model)
+    if kind == "torch.compile":
+        raise TypeError(
+            "route() takes the model itself, not its torch.compile wrapper (which routes "
+            "nothing and would have to be recompiled anyway): compile the routed module, "
+            "routed = torch.compile(tread_fx.route(model, spec))")
+    if kind is not None:
+        raise TypeError(
+            f"route() takes the model itself, not a {kind}-wrapped module: route first and "
+            f"wrap the routed module, e.g. DistributedDataParallel(tread_fx.route(model, "
+            f"spec)) or fully_shard on tread_fx.route(model, spec)")
+
+
+def _call_inputs(example_inputs: Any) -> tuple[tuple, dict]:
+    """Example inputs as the (args, kwargs) of a call of the model."""
+    if isinstance(example_inputs, Mapping):
+        return (), dict(example_inputs)
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,), {}
+    return tuple(example_inputs), {}
+
+
 def route(model: nn.Module, spec: Any, example_inputs: Any = None, *,
           keep_order: bool | None = None, seed: int | None = None,
           blocks: str | None = None, hidden: str | int | None = None,
@@ -153,6 +189,7 @@ def route(model: nn.Module, spec: Any, example_inputs: Any = None, *,
     and leaves the model itself as it was.  It routes in ``train()`` mode only; in
     ``eval()`` mode it computes exactly what the model computes.
     """
+    _refuse_wrappers(model)
     spec = parse_spec(spec, keep_order=keep_order, seed=seed, blocks=blocks, hidden=hidden,
                       token_inputs=token_inputs, prefix_tokens=prefix_tokens)
     traced, chain = _graphs_of(model, spec, example_inputs)
@@ -162,19 +199,29 @@ def route(model: nn.Module, spec: Any, example_inputs: Any = None, *,
     args = None if example_inputs is None else _example_args(graphs["train"], example_inputs,
                                                               traced.baked)
     selectors = {}
+    other_batch, dense_shapes, inside = {}, {}, set()
+    if args is not None:
+        call_args, call_kwargs = _call_inputs(example_inputs)
+        with frozen_state(model):
+            model.train()
+            other_batch, _ = probe_block_io(model, call_args, call_kwargs, chain.targets)
     for mode, g in {id(g): (m, g) for m, g in graphs.items()}.values():
         shapes = None
         if args is not None:
             with frozen_state(model):
                 model.train(mode == "train")
                 shapes = probe_shapes(model, g, args, traced.constants)
+            dense_shapes[mode] = shapes
         plans = plan_routes(g, chain, spec.routes, shapes, spec.token_inputs,
-                            spec.prefix_tokens)
+                            spec.prefix_tokens, model, other_batch)
+        if mode == "train":
+            inside = set().union(*(p.inside for p in plans))
         for meta in insert_routes(g, chain, spec.routes, plans):
             i = meta["route_index"]
             selector = selectors.setdefault(f"select_{i}", TokenSelector(
                 i, meta["route"], meta["blocks"], spec.keep_order, spec.seed))
-            selector.prefix, selector.shared = meta["prefix"], meta["shared"]
+            selector.fixed, selector.axes = meta["fixed"], meta["axes"]
+            selector.shared = meta["shared"]
     routed = TreadGraphModule(model, graphs["train"], graphs.get("eval"), selectors,
                               class_name=f"Routed{type(model).__name__}".replace(
                                   "RoutedRouted", "Routed"),
@@ -185,7 +232,7 @@ def route(model: nn.Module, spec: Any, example_inputs: Any = None, *,
     routed.input_shapes = traced.input_shapes
     routed.baked_inputs = traced.baked
     if args is not None:
-        check_routes(routed, args)
+        check_routes(routed, args, dense_shapes.get("train"), inside)
     return routed
 
 

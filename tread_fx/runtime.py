@@ -27,36 +27,46 @@ def select_tokens(
     keep_order: bool = True,
     generator: torch.Generator | None = None,
     label: str = "route",
-    prefix: int = 0,
+    fixed: tuple[int, int] = (0, 0),
     shared: bool = False,
+    axes: tuple[int, int] = (0, 1),
 ) -> torch.Tensor:
     """Indices ``[B, kept]`` of the tokens that stay in the route, drawn uniformly per sample.
 
-    ``x`` is ``[B, N, ...]`` (token axis 1).  The first ``prefix`` tokens (class, time or
-    register tokens) are always kept and the ratio applies to the other ``N - prefix``.
-    With ``shared`` one draw serves the whole batch (needed when a per-token side input,
-    such as a RoPE table, has no batch axis).  With ``keep_order`` the indices are sorted,
-    so kept tokens keep their original order; when every token is kept the draw is skipped
-    and the indices are ``0..N-1``, which leaves the random number stream untouched.
+    ``axes`` are the batch and token axes of ``x`` (``[B, N, ...]`` by default).  ``fixed``
+    counts the rows at the start and at the end of the token axis that are never routed
+    (class, time or text tokens, padding): they are always kept, and the ratio applies to
+    the ``N - head - tail`` rows between them (the image tokens).  With ``shared`` one draw
+    serves the whole batch (needed when a per-token side input, such as a RoPE table, has
+    no batch axis).  With ``keep_order`` the indices are sorted, so kept tokens keep their
+    original order; when every token is kept the draw is skipped and the indices are
+    ``0..N-1``, which leaves the random number stream untouched.
     """
-    batch, num_tokens = x.shape[0], x.shape[1]
-    routable = num_tokens - prefix
+    batch_axis, token_axis = axes
+    batch, num_tokens = x.shape[batch_axis], x.shape[token_axis]
+    head, tail = fixed
+    routable = num_tokens - head - tail
     kept = kept_count(routable, selection_ratio, label)
     if kept == routable and keep_order:
         return torch.arange(num_tokens, device=x.device).expand(batch, num_tokens)
     rows = 1 if shared else batch
     if generator is None:
         # rand_like of a [rows, routable] view: exports to ONNX (RandomUniformLike)
-        base = (x.flatten(2)[..., 0] if x.dim() > 2 else x)[:rows, prefix:]
+        view = x.movedim(axes, (0, 1)) if axes != (0, 1) else x
+        base = (view.flatten(2)[..., 0] if view.dim() > 2 else view)[:rows, head:head + routable]
         noise = torch.rand_like(base, dtype=torch.float32)
     else:
         noise = torch.rand(rows, routable, device=x.device, generator=generator)
     indices = noise.topk(kept, dim=1, sorted=False).indices
     if keep_order:
         indices = indices.sort(dim=1).values
-    if prefix:
-        head = torch.arange(prefix, device=x.device).expand(indices.shape[0], prefix)
-        indices = torch.cat([head, indices + prefix], dim=1)
+    parts = [indices + head] if head else [indices]
+    if head:
+        parts.insert(0, torch.arange(head, device=x.device).expand(indices.shape[0], head))
+    if tail:
+        parts.append(torch.arange(num_tokens - tail, num_tokens, device=x.device)
+                     .expand(indices.shape[0], tail))
+    indices = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
     return indices.expand(batch, -1) if shared else indices
 
 
@@ -67,7 +77,13 @@ def _expand_index(indices: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def _stride_order(t: torch.Tensor) -> list[int]:
-    """Dimensions from outermost to innermost in memory."""
+    """Dimensions from outermost to innermost in memory.
+
+    Under torch.compile the natural order: strides may be symbolic there (after a ratio
+    change makes the kept count dynamic), and compiled kernels choose their own layouts.
+    """
+    if torch.compiler.is_compiling():
+        return list(range(t.dim()))
     return sorted(range(t.dim()), key=lambda d: (-t.stride(d), d))
 
 
@@ -98,11 +114,22 @@ def _scatter(full: torch.Tensor, dim: int, index: torch.Tensor,
     return out.permute(_inverse(perm))
 
 
-def gather_tokens(x: torch.Tensor, indices: torch.Tensor | None) -> torch.Tensor:
-    """The kept tokens of ``x`` (``[B, N, ...]`` -> ``[B, kept, ...]``); ``x`` itself when inactive."""
+def _batch_first(x: torch.Tensor, axes: tuple[int, int]) -> torch.Tensor:
+    return x if tuple(axes) == (0, 1) else x.movedim(tuple(axes), (0, 1))
+
+
+def _restore(x: torch.Tensor, axes: tuple[int, int]) -> torch.Tensor:
+    return x if tuple(axes) == (0, 1) else x.movedim((0, 1), tuple(axes))
+
+
+def gather_tokens(x: torch.Tensor, indices: torch.Tensor | None,
+                  axes: tuple[int, int] = (0, 1)) -> torch.Tensor:
+    """The kept tokens of ``x`` (``[B, N, ...]`` -> ``[B, kept, ...]``, or the same on the
+    batch and token ``axes``); ``x`` itself when inactive."""
     if indices is None:
         return x
-    return _gather(x, 1, _expand_index(indices, x))
+    x = _batch_first(x, axes)
+    return _restore(_gather(x, 1, _expand_index(indices, x)), axes)
 
 
 def scatter_tokens(
@@ -110,6 +137,7 @@ def scatter_tokens(
     kept: torch.Tensor,
     indices: torch.Tensor | None,
     label: str = "route",
+    axes: tuple[int, int] = (0, 1),
 ) -> torch.Tensor:
     """Put the processed kept tokens back into the tensor that entered the route.
 
@@ -119,6 +147,7 @@ def scatter_tokens(
     """
     if indices is None:
         return kept
+    full, kept = _batch_first(full, axes), _batch_first(kept, axes)
     if kept.shape[:1] + kept.shape[2:] != full.shape[:1] + full.shape[2:] or (
         kept.shape[1] != indices.shape[1]
     ):
@@ -129,16 +158,16 @@ def scatter_tokens(
         )
     if full.dtype != kept.dtype:
         full = full.to(kept.dtype)
-    return _scatter(full, 1, _expand_index(indices, kept), kept)
+    return _restore(_scatter(full, 1, _expand_index(indices, kept), kept), axes)
 
 
 def gather_side(value: torch.Tensor, indices: torch.Tensor | None, axes: tuple[int, ...],
-                offset: int = 0, batched: bool = True) -> torch.Tensor:
+                offset: int = 0, batch_axis: int | None = 0) -> torch.Tensor:
     """Gather a per-token side input on each of its token ``axes`` with the route's indices.
 
     ``offset`` rows of another stream (text tokens of a joint RoPE table) come first and
-    are all kept.  A table without batch axis uses the first sample's indices (the
-    selector draws one index set for the whole batch in that case).
+    are all kept.  A table without batch axis (``batch_axis=None``) uses the first sample's
+    indices (the selector draws one index set for the whole batch in that case).
     """
     if indices is None:
         return value
@@ -146,11 +175,11 @@ def gather_side(value: torch.Tensor, indices: torch.Tensor | None, axes: tuple[i
         head = torch.arange(offset, device=indices.device).expand(indices.shape[0], offset)
         indices = torch.cat([head, indices + offset], dim=1)
     for axis in axes:
-        if not batched:
+        if batch_axis is None:
             value = value.index_select(axis, indices[0])
             continue
         shape = [1] * value.dim()
-        shape[0], shape[axis] = indices.shape[0], indices.shape[1]
+        shape[batch_axis], shape[axis] = indices.shape[0], indices.shape[1]
         target = list(value.shape)
         target[axis] = indices.shape[1]
         value = _gather(value, axis, indices.reshape(shape).expand(target))
@@ -212,7 +241,8 @@ class TokenSelector(nn.Module):
         self.selection_ratio = route.selection_ratio
         self.keep_order = keep_order
         self.seed = seed
-        self.prefix = 0
+        self.fixed = (0, 0)       # never-routed rows at the start and end of the token axis
+        self.axes = (0, 1)        # batch and token axis of the hidden state
         self.shared = False
         self.force_active: bool | None = None
         self.last_indices: torch.Tensor | None = None
@@ -220,12 +250,17 @@ class TokenSelector(nn.Module):
         self._generators: dict[torch.device, torch.Generator] = {}
 
     @property
+    def prefix(self) -> int:
+        """Never-routed rows in front of the routed ones (class, time, text tokens)."""
+        return self.fixed[0]
+
+    @property
     def label(self) -> str:
         return f"route {self.index} ({self.route}, blocks {self.blocks[0]}..{self.blocks[-1]})"
 
     def extra_repr(self) -> str:
         return (f"route={self.route}, blocks={self.blocks[0]}..{self.blocks[-1]}, "
-                f"keep_order={self.keep_order}, seed={self.seed}, prefix={self.prefix}, "
+                f"keep_order={self.keep_order}, seed={self.seed}, fixed={self.fixed}, "
                 f"shared={self.shared}")
 
     def check_ratio(self, selection_ratio: float) -> None:
@@ -252,10 +287,11 @@ class TokenSelector(nn.Module):
             self.last_indices = None
             return None
         indices = select_tokens(x, self.selection_ratio, self.keep_order,
-                                self._generator(x.device), self.label, self.prefix, self.shared)
+                                self._generator(x.device), self.label, self.fixed, self.shared,
+                                self.axes)
         self.last_indices = indices
-        self.last_num_tokens = x.shape[1]
-        if indices.shape[1] == x.shape[1] and self.keep_order:
+        self.last_num_tokens = x.shape[self.axes[1]]
+        if indices.shape[1] == self.last_num_tokens and self.keep_order:
             # Every token kept, in order: the route is the identity, and gathering would
             # only change memory layouts (and with them the last bits of later kernels).
             return None
