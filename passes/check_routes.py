@@ -35,14 +35,15 @@ def _route_of(graph: fx.Graph) -> dict[str, str]:
 
 def check_routes(routed: nn.Module, args: Sequence[Any],
                  dense_shapes: Mapping[fx.Node, Any] | None = None,
-                 inside: Collection[fx.Node] = ()) -> None:
+                 inside: Collection[fx.Node] = (), graph: fx.Graph | None = None) -> None:
     """Run ``routed``'s train graph on ``args`` with routing on; raise naming the block.
 
     With the shapes of the dense graph's nodes (``dense_shapes``, probed before the
     rewrite), every node outside the routes (``inside``) must have its dense shape: one
     that changed carries kept tokens out of a route (a block's second output, say).
     """
-    covered = _route_of(routed.graph)
+    graph = routed.graph if graph is None else graph
+    covered = _route_of(graph)
     dense_shapes = dense_shapes or {}
 
     class _Check(fx.Interpreter):
@@ -75,7 +76,7 @@ def check_routes(routed: nn.Module, args: Sequence[Any],
     with frozen_state(routed):
         routed.train()
         try:
-            _Check(routed, graph=routed.graph).run(*args)
+            _Check(routed, graph=graph).run(*args)
         finally:
             for s in selectors:
                 s.last_indices = None

@@ -19,16 +19,19 @@ Two front ends produce the same kind of graph:
 from __future__ import annotations
 
 import inspect
+import linecache
 import operator
+import os
 import sys
+from collections import OrderedDict
 from contextlib import contextmanager
 from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 from torch import fx, nn
 
-__all__ = ["TraceError", "Traced", "bind_inputs", "frozen_state", "preserved_modes",
-           "shape_tree", "trace_modes"]
+__all__ = ["TraceError", "Traced", "bind_inputs", "frozen_state", "has_tensor", "mode_flags",
+           "preserved_modes", "shape_tree", "trace_modes"]
 
 _VALUE = "tread_concrete_value"
 # Tensor metadata that is read as a plain value while tracing concretely.
@@ -41,7 +44,7 @@ class TraceError(RuntimeError):
 
 
 class Traced:
-    """What a front end produced: one graph per mode, and the constants it created."""
+    """What a front end produced: one graph per mode, and what the graphs depend on."""
 
     def __init__(self, graphs: dict[str, fx.Graph], front_end: str,
                  constants: dict[str, torch.Tensor], input_shapes: dict | None) -> None:
@@ -50,12 +53,19 @@ class Traced:
         self.constants = constants
         self.input_shapes = input_shapes
         self.baked: dict[str, Any] = {}   # non-tensor example inputs the graph is made for
+        # modules whose forward was traced through (their training flags are baked in)
+        self.traced_modules: list[nn.Module] = []
+        # per mode: (node, conversion, value, source line) of each Python conversion of a
+        # value computed from tensor data (an `if` on tensor values, int(t.max()), ...)
+        self.conversions: dict[str, list[tuple[fx.Node, str, Any, str]]] = {}
 
 
 class _LeafTracer(fx.Tracer):
     def __init__(self, leaves: Iterable[nn.Module]) -> None:
         super().__init__()
         self._leaf_ids = {id(m) for m in leaves}
+        self.traced_through: dict[int, nn.Module] = {}
+        self.conversions: list[tuple[fx.Node, str, Any, str]] = []
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         # A module with hooks stays a call, so its hooks keep firing at run time instead
@@ -63,12 +73,23 @@ class _LeafTracer(fx.Tracer):
         return (id(m) in self._leaf_ids or _has_hooks(m)
                 or super().is_leaf_module(m, module_qualified_name))
 
+    def create_arg(self, a: Any):
+        # Dict subclasses (diffusers' ModelOutput) stay what they are: a node that builds
+        # one, instead of the plain dict fx would make of it.
+        if isinstance(a, dict) and type(a) not in (dict, OrderedDict) and \
+                not isinstance(a, fx.Proxy):
+            values = {k: self.create_arg(v) for k, v in a.items()}
+            return self.create_node("call_function", type(a), (), values)
+        return super().create_arg(a)
+
     def call_module(self, m, forward, args, kwargs):
         if id(m) in self._leaf_ids and _inside_checkpoint():
             raise TraceError(
                 f"{type(m).__name__} is called through torch.utils.checkpoint in the model's "
                 f"forward; tracing would silently drop the checkpointing. Checkpoint inside "
                 f"the block's own forward instead, or turn it off before route()")
+        if not self.is_leaf_module(m, ""):
+            self.traced_through[id(m)] = m
         return super().call_module(m, forward, args, kwargs)
 
 
@@ -87,24 +108,47 @@ def _inside_checkpoint() -> bool:
     return False
 
 
+def _source_line() -> str:
+    """``file:line: code`` of the user's code that is being traced right now."""
+    frame = sys._getframe(2)
+    here = __file__
+    while frame is not None:
+        name = frame.f_code.co_filename
+        if name != here and f"{os.sep}torch{os.sep}" not in name:
+            line = linecache.getline(name, frame.f_lineno).strip()
+            return f"{name}:{frame.f_lineno}: {line}"
+        frame = frame.f_back
+    return "<unknown source>"
+
+
 class _Concrete:
-    """Python conversions answered from the real value instead of failing."""
+    """Python conversions answered from the real value instead of failing.
+
+    Each conversion is recorded: one of a value computed from tensor data is a branch the
+    graph is specialised on, which the routed module guards (or route() refuses).
+    """
 
     @property
     def concrete(self) -> Any:
         return self.node.meta[_VALUE]
 
+    def _converted(self, kind: str, value: Any) -> Any:
+        node = getattr(self, "node", None)
+        if node is not None:
+            self.tracer.conversions.append((node, kind, value, _source_line()))
+        return value
+
     def __bool__(self) -> bool:
-        return bool(self.concrete)
+        return self._converted("bool", bool(self.concrete))
 
     def __int__(self) -> int:
-        return int(self.concrete)
+        return self._converted("int", int(self.concrete))
 
     def __index__(self) -> int:
-        return operator.index(self.concrete)
+        return self._converted("int", operator.index(self.concrete))
 
     def __float__(self) -> float:
-        return float(self.concrete)
+        return self._converted("float", float(self.concrete))
 
     def __len__(self) -> int:
         return len(self.concrete)
@@ -133,6 +177,9 @@ class _ConcreteAttribute(_Concrete, fx.proxy.Attribute):
     def concrete(self) -> Any:
         return getattr(self.root.concrete, self.attr)
 
+    def _converted(self, kind: str, value: Any) -> Any:
+        return value   # an attribute (x.shape): metadata, fixed by the shape guards
+
 
 class _ConcreteTracer(_LeafTracer):
     """Leaf tracer whose nodes carry the values computed on the example inputs."""
@@ -156,16 +203,30 @@ class _ConcreteTracer(_LeafTracer):
         return _ConcreteProxy(node, self)
 
     def create_args_for_root(self, root_fn, is_module, concrete_args=None):
-        # Tensors become placeholders; every other example value (None, flags, dicts of
-        # options) is passed as itself and baked into the graph.
-        proxies = {k: self.create_proxy("placeholder", k, (), {})
-                   for k, v in self._inputs.items() if isinstance(v, torch.Tensor)}
+        # Tensors, also inside lists, tuples and dicts, are inputs: their argument becomes
+        # a placeholder (the tensors in a container are taken out of it in the graph).
+        # Every other example value (None, flags, options) is passed as itself and baked
+        # into the graph (the routed module guards it).
+        proxies = {k: self._proxy_tree(self.create_proxy("placeholder", k, (), {}), v)
+                   for k, v in self._inputs.items() if has_tensor(v)}
 
         def forward(*root):
             kwargs = {k: proxies.get(k, v) for k, v in self._inputs.items()}
             return root_fn(*root, **kwargs)
 
         return forward, [self.root] if is_module else []
+
+    def _proxy_tree(self, proxy, value):
+        if isinstance(value, torch.Tensor):
+            return proxy
+        if isinstance(value, (list, tuple)):
+            items = [self._proxy_tree(proxy[i], v) if has_tensor(v) else v
+                     for i, v in enumerate(value)]
+            return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
+        if isinstance(value, dict):
+            return {k: self._proxy_tree(proxy[k], v) if has_tensor(v) else v
+                    for k, v in value.items()}
+        return proxy
 
     def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):
         node = super().create_node(kind, target, args, kwargs, name, type_expr)
@@ -226,6 +287,16 @@ def frozen_state(model: nn.Module) -> Iterator[None]:
                 b.copy_(saved)
 
 
+def has_tensor(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        return True
+    if isinstance(value, (list, tuple)):
+        return any(has_tensor(v) for v in value)
+    if isinstance(value, dict):
+        return any(has_tensor(v) for v in value.values())
+    return False
+
+
 def shape_tree(value: Any) -> Any:
     """The shapes in a value: a tensor's shape tuple, nested like the value; None otherwise."""
     if isinstance(value, torch.Tensor):
@@ -246,62 +317,91 @@ def bind_inputs(model: nn.Module, example_inputs: Any) -> dict[str, Any]:
         args, kwargs = (example_inputs,), {}
     else:
         args, kwargs = tuple(example_inputs), {}
+    names = [p.name for p in sig.parameters.values()
+             if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values())
+    unknown = sorted(set(kwargs) - set(names))
+    if unknown and not takes_any:
+        raise ValueError(f"example_inputs: unknown argument(s) {unknown}; "
+                         f"{type(model).__name__}.forward takes {names}")
     try:
         bound = sig.bind(*args, **kwargs)
     except TypeError as err:
         raise ValueError(f"example_inputs do not fit {type(model).__name__}.forward"
                          f"{sig}: {err}") from None
+    bound.apply_defaults()   # defaults are inputs too: the graph is made for their values
     return dict(bound.arguments)
 
 
 
 
-def trace_modes(model: nn.Module, leaves: Iterable[nn.Module],
-                example_inputs: Any = None) -> Traced:
-    """Trace ``model`` in train and eval mode with ``leaves`` as leaf modules.
+def mode_flags(model: nn.Module, train: bool) -> list[tuple[nn.Module, bool]]:
+    """Every module's training flag in a mode: the flags as they are when the model is in
+    that mode already (a submodule the user left in eval() stays so), else what
+    ``model.train(train)`` would set."""
+    keep = model.training == train
+    return [(m, m.training if keep else train) for m in model.modules()]
 
-    Tries torch.fx first; if it fails and ``example_inputs`` are given, traces concretely
-    on them.  The model's mode flags and random state are restored afterwards, and any
-    constant the tracer had to store on the model is taken off it again.
+
+def trace_modes(model: nn.Module, leaves: Iterable[nn.Module], example_inputs: Any = None,
+                modes: Mapping[str, list[tuple[nn.Module, bool]]] | None = None,
+                front_end: str | None = None) -> Traced:
+    """Trace ``model`` once per mode with ``leaves`` as leaf modules.
+
+    ``modes`` maps a mode name to the training flag of each module while it is traced
+    (default: :func:`mode_flags` for ``train`` and ``eval``).  Tries torch.fx first (unless
+    ``front_end="concrete"``); if it fails and ``example_inputs`` are given, traces
+    concretely on them.  The model's mode flags and random state are restored afterwards,
+    and any constant the tracer had to store on the model is taken off it again.
     """
     leaves = list(leaves)
-    try:
-        return _trace(model, lambda: _LeafTracer(leaves), None, "fx")
-    except TraceError as fx_error:
-        if example_inputs is None:
-            raise TraceError(
-                f"{fx_error} -- or pass example_inputs=(...) to route(), so the model is "
-                f"traced on real values (a graph specialised to those input shapes)"
-            ) from fx_error.__cause__
-        inputs = bind_inputs(model, example_inputs)
-        traced = _trace(model, lambda: _ConcreteTracer(leaves, inputs), None, "concrete",
-                        {k: shape_tree(v) for k, v in inputs.items()
-                         if isinstance(v, torch.Tensor)})
-        traced.baked = {k: v for k, v in inputs.items() if not isinstance(v, torch.Tensor)}
-        return traced
+    if modes is None:
+        modes = {"train": mode_flags(model, True), "eval": mode_flags(model, False)}
+    if front_end != "concrete":
+        try:
+            return _trace(model, lambda: _LeafTracer(leaves), modes, "fx")
+        except TraceError as fx_error:
+            if example_inputs is None:
+                raise TraceError(
+                    f"{fx_error} -- or pass example_inputs=(...) to route(), so the model is "
+                    f"traced on real values (a graph specialised to those input shapes)"
+                ) from fx_error.__cause__
+    if example_inputs is None:
+        raise TraceError(f"{type(model).__name__} is traced on example inputs; none given")
+    inputs = bind_inputs(model, example_inputs)
+    traced = _trace(model, lambda: _ConcreteTracer(leaves, inputs), modes, "concrete",
+                    {k: shape_tree(v) for k, v in inputs.items() if has_tensor(v)})
+    traced.baked = {k: v for k, v in inputs.items() if not has_tensor(v)}
+    return traced
 
 
-
-def _trace(model: nn.Module, make_tracer, concrete_args, front_end: str,
-           input_shapes: dict | None = None) -> Traced:
+def _trace(model: nn.Module, make_tracer, modes: Mapping[str, list[tuple[nn.Module, bool]]],
+           front_end: str, input_shapes: dict | None = None) -> Traced:
     before = set(vars(model))
-    graphs = {}
+    graphs, conversions, traced_through = {}, {}, {}
     try:
         with preserved_modes(model), torch.random.fork_rng(devices=[]):
-            for mode in ("train", "eval"):
-                model.train(mode == "train")
+            for mode, flags in modes.items():
+                for module, flag in flags:
+                    module.training = flag
+                tracer = make_tracer()
                 try:
-                    graphs[mode] = make_tracer().trace(model, concrete_args=concrete_args)
+                    graphs[mode] = tracer.trace(model)
                 except Exception as err:  # noqa: BLE001 - re-raised with context
                     raise TraceError(
                         f"{'torch.fx' if front_end == 'fx' else 'concrete tracing'} could not "
                         f"trace {type(model).__name__} in {mode} mode: "
                         f"{type(err).__name__}: {err}"
                     ) from err
+                conversions[mode] = tracer.conversions
+                traced_through.update(tracer.traced_through)
     finally:
         added = {k: model.__dict__.pop(k) for k in set(vars(model)) - before}
     for graph in graphs.values():
         for node in graph.nodes:
             node.meta.pop(_VALUE, None)
     constants = {k: v for k, v in added.items() if isinstance(v, torch.Tensor)}
-    return Traced(graphs, front_end, constants, input_shapes)
+    traced = Traced(graphs, front_end, constants, input_shapes)
+    traced.conversions = conversions
+    traced.traced_modules = [m for m in traced_through.values() if m is not model]
+    return traced

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 from contextlib import contextmanager
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -15,7 +16,9 @@ from tread_fx.passes.insert_routes import insert_routes
 from tread_fx.passes.remove_routes import remove_routes
 from tread_fx.passes.check_routes import check_routes
 from tread_fx.passes.token_axes import plan_routes, probe_block_io, probe_shapes
-from tread_fx.passes.trace import Traced, frozen_state, trace_modes
+from tread_fx.passes.guards import Guard, module_tensors, value_guards
+from tread_fx.passes.trace import (Traced, bind_inputs, frozen_state, mode_flags,
+                                   trace_modes)
 
 from .module import TreadGraphModule
 from .runtime import TokenSelector
@@ -33,7 +36,8 @@ def _check_chain(chain: BlockChain, groups, graphs: dict[str, fx.Graph], hidden,
                  root: nn.Module) -> None:
     """Refuse chains whose indices would silently differ from the user's block indices."""
     in_chain = set(chain.targets)
-    called = {n.target for n in graphs["train"].nodes if n.op == "call_module"}
+    first = next(iter(graphs.values()))
+    called = {n.target for n in first.nodes if n.op == "call_module"}
     for group in groups:
         if not in_chain & set(group.names):
             continue
@@ -47,7 +51,7 @@ def _check_chain(chain: BlockChain, groups, graphs: dict[str, fx.Graph], hidden,
                 f"a container that holds only the chained blocks, or move the operation into "
                 f"a block"
             )
-    if "eval" in graphs:
+    if "eval" in graphs and "train" in graphs:
         eval_chain = find_block_chain(graphs["eval"], groups, hidden, root)
         if eval_chain.targets != chain.targets:
             raise NoBlocksFound(
@@ -75,53 +79,20 @@ def _require_routed(routed: nn.Module, caller: str) -> TreadGraphModule:
     return routed
 
 
-def _graphs_of(model: nn.Module, spec: RouteSpec, example_inputs: Any):
+def _graphs_of(model: nn.Module, spec: RouteSpec, example_inputs: Any, modes=None,
+               front_end: str | None = None):
     """Trace (or take) the model's graphs and find its block chain."""
-    if isinstance(model, TreadGraphModule):
-        traced = Traced(_dense_graphs(model), model.__dict__.get("front_end", "fx"), {},
-                        model.__dict__.get("input_shapes"))
-        traced.baked = model.__dict__.get("baked_inputs") or {}
-    elif isinstance(model, fx.GraphModule):
+    if isinstance(model, fx.GraphModule):
         traced = Traced({"train": copy.deepcopy(model.graph)}, "user", {}, None)
     else:
         traced = None
     groups = find_candidates(model, spec.blocks)
     if traced is None:
         leaves = [model.get_submodule(n) for g in groups for n in g.names]
-        traced = trace_modes(model, leaves, example_inputs)
-        for g in traced.graphs.values():   # constants live under _tread in the routed module
-            for node in g.nodes:
-                if node.op == "get_attr" and node.target in traced.constants:
-                    node.target = f"_tread.{node.target}"
-    chain = find_block_chain(traced.graphs["train"], groups, spec.hidden, model)
+        traced = trace_modes(model, leaves, example_inputs, modes, front_end)
+    chain = find_block_chain(next(iter(traced.graphs.values())), groups, spec.hidden, model)
     _check_chain(chain, groups, traced.graphs, spec.hidden, model)
     return traced, chain
-
-
-def _example_args(graph: fx.Graph, example_inputs: Any, baked: Mapping[str, Any]) -> tuple:
-    if isinstance(example_inputs, Mapping):
-        example_inputs = {k: v for k, v in example_inputs.items() if k not in baked}
-        placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-        names = [p.target.lstrip("*") for p in placeholders]
-        unknown = sorted(set(example_inputs) - set(names))
-        if unknown:
-            raise ValueError(f"example_inputs: unknown argument(s) {unknown}; "
-                             f"forward takes {names}")
-        args = []
-        for p, name in zip(placeholders, names):
-            if name in example_inputs:
-                args.append(example_inputs[name])
-            elif p.args:
-                args.append(p.args[0])
-            else:
-                raise ValueError(f"example_inputs: missing argument {name!r}")
-        return tuple(args)
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    if isinstance(example_inputs, Sequence):
-        return tuple(example_inputs)
-    raise TypeError("example_inputs must be a tuple of positional arguments or a dict of "
-                    f"keyword arguments, got {type(example_inputs).__name__}")
 
 
 def _wrapper_kind(model: nn.Module) -> str | None:
@@ -151,13 +122,77 @@ def _refuse_wrappers(model: nn.Module) -> None:
             f"spec)) or fully_shard on tread_fx.route(model, spec)")
 
 
-def _call_inputs(example_inputs: Any) -> tuple[tuple, dict]:
-    """Example inputs as the (args, kwargs) of a call of the model."""
-    if isinstance(example_inputs, Mapping):
-        return (), dict(example_inputs)
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,), {}
-    return tuple(example_inputs), {}
+def _graph_args(graph: fx.Graph, call: Mapping[str, Any]) -> tuple:
+    """A bound call's values in the order of the graph's placeholders."""
+    args = []
+    for p in [n for n in graph.nodes if n.op == "placeholder"]:
+        name = p.target.lstrip("*")
+        if name in call:
+            args.append(call[name])
+        elif p.args:
+            args.append(p.args[0])
+        else:
+            raise ValueError(f"example_inputs: missing argument {name!r}")
+    return tuple(args)
+
+
+def _bind_example(model: nn.Module, example_inputs: Any) -> dict[str, Any]:
+    if not isinstance(example_inputs, (Mapping, Sequence, torch.Tensor)):
+        raise TypeError("example_inputs must be a tuple of positional arguments or a dict of "
+                        f"keyword arguments, got {type(example_inputs).__name__}")
+    return bind_inputs(model, example_inputs)
+
+
+def _route_graphs(model: nn.Module, spec: RouteSpec, traced: Traced, chain: BlockChain,
+                  call: Mapping[str, Any] | None, selectors: dict, prefix: str = "") -> dict:
+    """Insert the spec's routes into each traced graph; per mode (graph, args, inside,
+    dense shapes, value guards).  Constants get ``prefix`` in their names."""
+    graphs = traced.graphs
+    for g in graphs.values():   # constants live under _tread in the routed module
+        for node in g.nodes:
+            if node.op == "get_attr" and node.target in traced.constants:
+                node.target = f"_tread.{prefix}{node.target}"
+    constants = {f"{prefix}{k}": v for k, v in traced.constants.items()}
+    other_batch = {}
+    if call is not None and spec.routes:
+        with frozen_state(model):
+            model.train(True)
+            other_batch, _ = probe_block_io(model, (), dict(call), chain.targets)
+    built = {}
+    for mode, g in graphs.items():
+        args = None if call is None else _graph_args(g, call)
+        shapes, inside = None, set()
+        if args is not None and spec.routes:
+            with frozen_state(model):
+                if mode in ("train", "eval"):   # else: traced in the flags as they are
+                    model.train(mode == "train")
+                shapes = probe_shapes(model, g, args, constants)
+        if spec.routes:
+            plans = plan_routes(g, chain, spec.routes, shapes, spec.token_inputs,
+                                spec.prefix_tokens, model, other_batch)
+            inside = set().union(*(p.inside for p in plans))
+            for meta in insert_routes(g, chain, spec.routes, plans):
+                i = meta["route_index"]
+                selector = selectors.setdefault(f"select_{i}", TokenSelector(
+                    i, meta["route"], meta["blocks"], spec.keep_order, spec.seed))
+                selector.fixed, selector.axes = meta["fixed"], meta["axes"]
+                selector.shared = meta["shared"]
+        guards = value_guards(g, traced.conversions.get(mode, ()))
+        built[mode] = (g, args, inside, shapes, guards)
+    return built, constants
+
+
+def _guard_for(model: nn.Module, routed: TreadGraphModule, traced: Traced) -> Guard | None:
+    if traced.front_end == "user":
+        return None
+    tensors = module_tensors(next(iter(traced.graphs.values())), model)
+    return Guard(model, routed, traced.traced_modules, tensors,
+                 inputs=traced.front_end != "fx")
+
+
+def _modes_key(guard: Guard, flags: list[tuple[nn.Module, bool]], root_flag: bool) -> tuple:
+    by_module = {id(m): f for m, f in flags}
+    return (root_flag, *(by_module.get(id(m), m.training) for m in guard.modules[1:]))
 
 
 def route(model: nn.Module, spec: Any, example_inputs: Any = None, *,
@@ -179,70 +214,90 @@ def route(model: nn.Module, spec: Any, example_inputs: Any = None, *,
         example_inputs: optional tuple of positional or dict of keyword arguments.  When
             given: models that torch.fx cannot trace are traced on them; the shapes of
             every value are probed, so per-token side inputs of the routed blocks (RoPE
-            tables, masks, skips) are found and gathered with the same indices and prefix
-            tokens are kept; kept counts are validated; and the routed graph runs once in
-            train mode as a safety check.
+            tables, masks, skips) are found and gathered with the same indices and
+            never-routed rows are kept; kept counts are validated; and the routed graph
+            runs once in train mode as a safety check.
         keep_order, seed, blocks, hidden, token_inputs, prefix_tokens: override the
             spec's options (see :class:`RouteSpec`).
 
     The result shares the model's parameters and buffers (identical ``state_dict`` keys)
     and leaves the model itself as it was.  It routes in ``train()`` mode only; in
-    ``eval()`` mode it computes exactly what the model computes.
+    ``eval()`` mode it computes exactly what the model computes.  A graph traced on
+    example inputs is specialised to them; a call that differs (shapes, dtypes, device,
+    autocast, non-tensor arguments, training flags, a value branch) is traced anew.
     """
     _refuse_wrappers(model)
     spec = parse_spec(spec, keep_order=keep_order, seed=seed, blocks=blocks, hidden=hidden,
                       token_inputs=token_inputs, prefix_tokens=prefix_tokens)
-    traced, chain = _graphs_of(model, spec, example_inputs)
-    graphs = traced.graphs
+    return _route(model, spec, example_inputs)
+
+
+def _route(model: nn.Module, spec: RouteSpec, example_inputs: Any) -> TreadGraphModule:
+    if isinstance(model, TreadGraphModule):
+        if example_inputs is None:
+            example_inputs = model.__dict__.get("_tread_example")
+        model = model._tread_model
+    call = None if example_inputs is None else _bind_example(model, example_inputs)
+    traced, chain = _graphs_of(model, spec, call)
     where = f"the block sequence {chain.targets[0]}..{chain.targets[-1]}"
     spec = spec.resolve(len(chain), where)
-    args = None if example_inputs is None else _example_args(graphs["train"], example_inputs,
-                                                              traced.baked)
-    selectors = {}
-    other_batch, dense_shapes, inside = {}, {}, set()
-    if args is not None:
-        call_args, call_kwargs = _call_inputs(example_inputs)
-        with frozen_state(model):
-            model.train()
-            other_batch, _ = probe_block_io(model, call_args, call_kwargs, chain.targets)
-    for mode, g in {id(g): (m, g) for m, g in graphs.items()}.values():
-        shapes = None
-        if args is not None:
-            with frozen_state(model):
-                model.train(mode == "train")
-                shapes = probe_shapes(model, g, args, traced.constants)
-            dense_shapes[mode] = shapes
-        plans = plan_routes(g, chain, spec.routes, shapes, spec.token_inputs,
-                            spec.prefix_tokens, model, other_batch)
-        if mode == "train":
-            inside = set().union(*(p.inside for p in plans))
-        for meta in insert_routes(g, chain, spec.routes, plans):
-            i = meta["route_index"]
-            selector = selectors.setdefault(f"select_{i}", TokenSelector(
-                i, meta["route"], meta["blocks"], spec.keep_order, spec.seed))
-            selector.fixed, selector.axes = meta["fixed"], meta["axes"]
-            selector.shared = meta["shared"]
-    routed = TreadGraphModule(model, graphs["train"], graphs.get("eval"), selectors,
-                              class_name=f"Routed{type(model).__name__}".replace(
-                                  "RoutedRouted", "Routed"),
-                              constants=traced.constants)
+    selectors: dict = {}
+    built, constants = _route_graphs(model, spec, traced, chain, call, selectors)
+    routed = TreadGraphModule(model, built["train"][0], built.get("eval", (None,))[0],
+                              selectors, class_name=f"Routed{type(model).__name__}",
+                              constants=constants)
     routed.block_chain = tuple(chain.targets)
     routed.route_spec = spec
     routed.front_end = traced.front_end
     routed.input_shapes = traced.input_shapes
     routed.baked_inputs = traced.baked
-    if args is not None:
-        check_routes(routed, args, dense_shapes.get("train"), inside)
+    routed._tread_init(model, _guard_for(model, routed, traced), call)
+    if routed._guard is not None:
+        flags = {"train": mode_flags(model, True), "eval": mode_flags(model, False)}
+        for mode, (g, *_rest, guards) in built.items():
+            routed._add_variant(g, mode, guards, _modes_key(routed._guard, flags[mode],
+                                                             mode == "train"), call)
+    args, inside, shapes = built["train"][1:4]
+    if args is not None and spec.routes:
+        check_routes(routed, args, shapes, inside)
     return routed
 
 
+def _specialise(routed: TreadGraphModule, call: dict[str, Any]) -> fx.Graph:
+    """A graph of ``routed``'s model for a call its graphs were not made for: traced in the
+    current training flags on the call's own values, routed like the others."""
+    model = routed._tread_model
+    flags = [(m, m.training) for m in model.modules()]
+    flags[0] = (model, routed.training)
+    traced, chain = _graphs_of(model, routed.route_spec, call, {"now": flags},
+                               routed.front_end)
+    if tuple(chain.targets) != routed.block_chain:
+        raise NoBlocksFound(
+            f"traced again for a new call, {type(model).__name__} calls the blocks "
+            f"{chain.targets}, not {list(routed.block_chain)} as when it was routed; the "
+            f"route indices would change meaning. Route it again for these inputs")
+    prefix = f"v{len(routed._tread._buffers)}_"
+    built, constants = _route_graphs(model, routed.route_spec, traced, chain, call,
+                                     dict(routed._tread._modules), prefix)
+    for name, value in constants.items():
+        routed._tread.register_buffer(name, value, persistent=False)
+    graph, args, inside, shapes, guards = built["now"]
+    variant = routed._add_variant(graph, "train" if routed.training else "eval", guards,
+                                  None, call)
+    if args is not None and routed.route_spec.routes and routed.training:
+        check_routes(routed, args, shapes, inside, graph)
+    return variant
+
+
 def unroute(routed: nn.Module) -> TreadGraphModule:
-    """A dense module with the routes of ``routed`` taken out (parameters still shared)."""
-    graphs = _dense_graphs(_require_routed(routed, "unroute"))
-    name = type(routed).__name__
-    dense = TreadGraphModule(routed, graphs["train"], graphs.get("eval"), {},
-                             class_name=name[len("Routed"):] if name.startswith("Routed") else name)
-    dense.block_chain = getattr(routed, "block_chain", ())
+    """A dense module with the routes of ``routed`` taken out (parameters still shared).
+
+    It keeps what the routed module was specialised on and traces anew for other calls,
+    like the routed module does.
+    """
+    routed = _require_routed(routed, "unroute")
+    dense = _route(routed, replace(routed.route_spec, routes=()), None)
+    type(dense).__name__ = type(routed._tread_model).__name__
     return dense
 
 

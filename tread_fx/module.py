@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from collections import OrderedDict
 from typing import Any
 
 import torch
 from torch import fx, nn
 
-from tread_fx.passes.trace import shape_tree
 
 __all__ = ["TreadGraphModule"]
 
@@ -18,14 +18,28 @@ _HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_a
                "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
                "_load_state_dict_post_hooks")
 # Attributes route() sets that copies must keep.
-_EXTRA_ATTRS = ("block_chain", "route_spec", "front_end", "input_shapes", "baked_inputs")
+_EXTRA_ATTRS = ("block_chain", "route_spec", "front_end", "input_shapes", "baked_inputs",
+                "_tread_example")
+# Graphs traced for calls the first ones were not made for, per routed module, at most:
+MAX_VARIANTS = 16
+# Re-traces after which a warning says what keeps changing.
+WARN_AFTER = 8
 
 
-def _same(a: Any, b: Any) -> bool:
-    try:
-        return bool(a == b) if not isinstance(a, torch.Tensor) else False
-    except Exception:  # noqa: BLE001 - values that cannot be compared are not the same
-        return a is b
+class Variant:
+    """One traced graph and what it was specialised on beyond its key."""
+
+    def __init__(self, forward, names: list[str] | None, guards, graph: fx.Graph) -> None:
+        self.forward = forward      # compiled graph: (root, *placeholder values)
+        self.names = names          # placeholder argument names; None: call as given
+        self.guards = guards        # passes.guards.ValueGuards or None
+        self.graph = graph
+
+    def args(self, call: dict) -> list:
+        return [call[n] for n in self.names]
+
+    def accepts(self, root: nn.Module, call: dict) -> bool:
+        return self.guards is None or self.guards.holds(root, self.args(call))
 
 
 def _get_path(obj, path: str):
@@ -118,42 +132,75 @@ class TreadGraphModule(fx.GraphModule):
         cls.forward = TreadGraphModule._dispatch
         return result
 
+    def _tread_init(self, model: nn.Module, guard, example: dict | None) -> None:
+        """Remember the model (to trace it again) and what its graphs are specialised on."""
+        self.__dict__["_tread_model"] = model
+        self.__dict__["_guard"] = guard
+        self.__dict__["_variants"] = OrderedDict()
+        self.__dict__["retraces"] = 0
+        if example is not None and self.front_end != "fx":
+            self._tread_example = example
+
+    def _add_variant(self, graph: fx.Graph, mode: str, guards, key: tuple | None,
+                     call: dict | None) -> Variant:
+        guard = self._guard
+        if graph is self.graph:
+            forward = type(self)._train_forward
+        elif graph is self._eval_graph:
+            forward = type(self)._eval_forward
+        else:
+            graph.owning_module = self
+            forward, _ = _compile_graph(graph, f"<tread_fx {mode} graph of {type(self).__name__}>")
+        names = None if not guard.inputs else [
+            n.target for n in graph.nodes if n.op == "placeholder"]
+        variant = Variant(forward, names, guards, graph)
+        if key is None:
+            key = guard.key(call) if guard.inputs else guard.key(None)
+        elif guard.inputs:
+            key = (key, *guard.key(call)[1:])
+        else:
+            key = (key,)
+        self._variants.setdefault(key, []).append(variant)
+        while sum(len(v) for v in self._variants.values()) > MAX_VARIANTS:
+            oldest = next(iter(self._variants))
+            self._variants[oldest].pop(0)
+            if not self._variants[oldest]:
+                del self._variants[oldest]
+        return variant
+
     def _dispatch(self, *args: Any, **kwargs: Any) -> Any:
-        if self.__dict__.get("baked_inputs"):
-            kwargs = self._check_baked(kwargs)
-        if self.__dict__.get("input_shapes"):
-            self._check_input_shapes(args, kwargs)
-        if self.training:
-            return self._train_forward(*args, **kwargs)
-        return self._eval_forward(*args, **kwargs)
+        guard = self.__dict__.get("_guard")
+        if guard is None:   # a graph the user traced: one graph for every call
+            if self.training:
+                return self._train_forward(*args, **kwargs)
+            return self._eval_forward(*args, **kwargs)
+        if not guard.inputs:   # traced symbolically: valid for any input
+            key = guard.key(None)
+            for variant in self._variants.get(key, ()):
+                return variant.forward(self, *args, **kwargs)
+            return self._retrace(key, guard.bind(args, kwargs)).forward(self, *args, **kwargs)
+        call = guard.bind(args, kwargs)
+        key = guard.key(call)
+        for variant in self._variants.get(key, ()):
+            if variant.accepts(self, call):
+                return variant.forward(self, *variant.args(call))
+        variant = self._retrace(key, call)
+        return variant.forward(self, *variant.args(call))
 
-    def _check_baked(self, kwargs: dict) -> dict:
-        """Non-tensor arguments were fixed at tracing: accept them only with those values."""
-        rest = {}
-        for name, value in kwargs.items():
-            if name not in self.baked_inputs:
-                rest[name] = value
-            elif not _same(value, self.baked_inputs[name]):
-                raise ValueError(
-                    f"{type(self).__name__} was traced with {name}={self.baked_inputs[name]!r} "
-                    f"and computes only that case; got {name}={value!r}. Call "
-                    f"tread_fx.route() again with example inputs that have this value")
-        return rest
-
-    def _check_input_shapes(self, args: tuple, kwargs: dict) -> None:
-        names = [n.target for n in self.graph.nodes if n.op == "placeholder"]
-        given = dict(zip(names, args), **kwargs)
-        for name, expected in self.input_shapes.items():
-            if name not in given:
-                continue
-            got = shape_tree(given[name])
-            if got != expected:
-                raise ValueError(
-                    f"{type(self).__name__} was traced on example inputs (its forward branches "
-                    f"on shapes, so torch.fx could not trace it symbolically) and its graph is "
-                    f"specialised to them: argument {name!r} had shape {expected}, got {got}. "
-                    f"Call tread_fx.route() again with example inputs of this shape, or keep "
-                    f"the batch shape fixed (drop_last=True); sample with the original model")
+    @torch.compiler.disable
+    def _retrace(self, key: tuple, call: dict) -> Variant:
+        """Trace the model again for a call no graph was made for, and keep the graph."""
+        from tread_fx.passes.guards import describe_difference
+        from .api import _specialise
+        self.__dict__["retraces"] = self.__dict__.get("retraces", 0) + 1
+        if self.retraces == WARN_AFTER:
+            warnings.warn(
+                f"{type(self).__name__} has traced its model {self.retraces} times for new "
+                f"calls (last change: {describe_difference(self._guard, key, list(self._variants))}"
+                f"); each new input shape, dtype, device, autocast state, non-tensor argument "
+                f"value or branch on tensor values costs a trace. Keep them fixed (e.g. bucket "
+                f"resolutions, pass tensors instead of Python numbers)", stacklevel=3)
+        return _specialise(self, call)
 
     # -- inspection ---------------------------------------------------------------------
     @property
