@@ -1,9 +1,12 @@
 """Every reference backbone routes without edits to its code (issue: architecture-agnostic).
 
 For each: ratio 0 is the original bit for bit (outputs and gradients, train mode); eval
-is the original at any ratio; the blocks of a route see the kept count; routed tokens
-leave with their pre-route values; per-token side inputs reach the routed blocks
-gathered with the same indices; forward and backward run at ratio 0.5.
+is the original at any ratio; a ratio-0.5 train step (output and every gradient) equals an
+independent reference computed from the same kept indices without tread_fx's routing code
+(:mod:`tread_fx.tools.reference`); the blocks of a route see the kept count; prefix tokens
+(pinned per backbone) are never routed; routed tokens leave with their pre-route values;
+per-token side inputs reach the routed blocks gathered with the same indices. Some tests
+break tread_fx on purpose and check that these checks then fail.
 """
 
 import math
@@ -12,11 +15,23 @@ import pytest
 import torch
 
 import tread_fx
-from tread_fx.tools.backbones import check_backbone
+from tread_fx.tools.backbones import TOLERANCE, check_backbone, compare_with_reference
 from tread_fx.tools.zoo import BACKBONES, build
 
 B = 3
 NAMES = {name.split(" (")[0]: name for name in BACKBONES}
+
+# Read from the models' code, not from tread_fx: the blocks of the chain, and the tokens
+# concatenated in front of the patch tokens before the first block.
+EXPECTED = {                       # short name: (chain length, prefix tokens)
+    "DiT": (6, 0),                 # blocks.0-5; patch tokens only
+    "U-ViT": (7, 2),               # in_blocks.0-2, mid_block, out_blocks.0-2; [time, label, patches]
+    "RoPE DiT": (6, 0),            # blocks.0-5; patch tokens only
+    "MMDiT": (6, 0),               # joint_blocks.0-5; text is another stream, not a prefix
+    "bidirectional SSM": (6, 0),   # blocks.0-5; patch tokens only
+    "ViT + class token": (6, 1),   # blocks.0-5 of the Sequential; [cls, patches]
+}
+assert EXPECTED.keys() == NAMES.keys()
 
 
 def chain_blocks(model, routed):
@@ -28,16 +43,24 @@ def hidden_of(args, kwargs):
 
 
 @pytest.mark.parametrize("name", list(BACKBONES))
-def test_ratio_zero_is_original_eval_is_original_and_half_ratio_trains(name):
+def test_ratio_zero_is_original_eval_is_original_and_half_ratio_equals_reference(name):
     result = check_backbone(name)
+    depth, prefix = EXPECTED[name.split(" (")[0]]
+    assert len(result["chain"]) == depth
+    assert result["prefix"] == prefix
     assert result["ratio0_bit_equal"], "ratio 0 differs from the original"
     assert result["eval_equal"], "eval mode differs from the original"
+    assert result["equals_reference"], (
+        f"ratio 0.5 differs from the reference: output {result['reference_max_diff']:.2e} "
+        f"(scale {result['reference_scale']:.2f}), gradients "
+        f"{result['reference_grad_diff']:.2e} relative")
     assert result["trains_at_half"]
     assert result["grads"] >= 0.9 * result["trainable"]
 
 
-@pytest.mark.parametrize("name", list(BACKBONES))
-def test_route_sees_kept_tokens_and_routed_tokens_return_unchanged(name):
+def check_kept_tokens_return_unchanged(name):
+    """The blocks of the route see the kept tokens (prefix pinned), the others come back
+    with their pre-route values."""
     model, inputs, span = build(name)
     routed = tread_fx.route(model, f"{span}@0.5", example_inputs=inputs).train()
     start, end = (int(v) for v in span.split(":"))
@@ -56,13 +79,17 @@ def test_route_sees_kept_tokens_and_routed_tokens_return_unchanged(name):
 
     handles = [b.register_forward_pre_hook(pre(i), with_kwargs=True) for i, b in enumerate(blocks)]
     handles += [b.register_forward_hook(post(i), with_kwargs=True) for i, b in enumerate(blocks)]
-    routed(*inputs)
-    for h in handles:
-        h.remove()
+    try:
+        routed(*inputs)
+    finally:
+        for h in handles:
+            h.remove()
     selector = routed.selectors[0]
     indices = selector.last_indices
     n = seen[0].shape[1]
-    prefix = selector.prefix
+    prefix = EXPECTED[name.split(" (")[0]][1]
+    assert selector.prefix == prefix, "prefix tokens detected wrongly"
+    assert getattr(selector, "fixed", (prefix, 0)) == (prefix, 0)  # and no tail rows
     kept = prefix + (n - prefix) - math.floor((n - prefix) * 0.5)
     assert [seen[i].shape[1] for i in range(len(blocks))] == [
         kept if start <= i <= end else n for i in range(len(blocks))]
@@ -75,6 +102,60 @@ def test_route_sees_kept_tokens_and_routed_tokens_return_unchanged(name):
     assert torch.equal(after[~mask], before[~mask])
     assert torch.equal(after[rows, indices], hidden_in[end])
     assert mask[:, :prefix].all()  # prefix tokens (class, time, label) are never routed
+
+
+@pytest.mark.parametrize("name", list(BACKBONES))
+def test_route_sees_kept_tokens_and_routed_tokens_return_unchanged(name):
+    check_kept_tokens_return_unchanged(name)
+
+
+@pytest.mark.parametrize("short", ["U-ViT", "ViT + class token"])
+def test_kept_token_check_fails_when_prefix_detection_is_broken(short, monkeypatch):
+    from tread_fx.passes import token_axes
+
+    if hasattr(token_axes, "fixed_rows"):   # (head, tail) rows never routed
+        monkeypatch.setattr(token_axes, "fixed_rows", lambda *args, **kwargs: (0, 0))
+    else:
+        monkeypatch.setattr(token_axes, "detect_prefix", lambda *args, **kwargs: 0)
+    model, inputs, span = build(NAMES[short])
+    assert tread_fx.route(model, f"{span}@0.5", example_inputs=inputs).selectors[0].prefix == 0
+    with pytest.raises(AssertionError):
+        check_kept_tokens_return_unchanged(NAMES[short])
+
+
+def _break_side_gather(monkeypatch):
+    """Make every side-input gather return the table's first rows instead of the kept ones
+    (right shape, wrong positions), wherever tread_fx's passes took ``gather_side`` from."""
+    import sys
+
+    from tread_fx import runtime
+
+    original = runtime.gather_side
+
+    def truncated(value, indices, *args, **kwargs):
+        if indices is not None:
+            indices = torch.arange(indices.shape[1], device=indices.device).expand_as(indices)
+        return original(value, indices, *args, **kwargs)
+
+    patched = 0
+    for module in list(sys.modules.values()):
+        if (getattr(module, "__name__", "").startswith("tread_fx")
+                and getattr(module, "gather_side", None) is original):
+            monkeypatch.setattr(module, "gather_side", truncated)
+            patched += 1
+    assert patched >= 2  # the runtime and the pass that inserts the nodes
+
+
+@pytest.mark.parametrize("short", ["RoPE DiT", "MMDiT"])
+def test_reference_comparison_fails_when_side_inputs_are_gathered_wrongly(short, monkeypatch):
+    _break_side_gather(monkeypatch)
+    name = NAMES[short]
+    model, inputs, span = build(name)
+    routed = tread_fx.route(model, f"{span}@0.5", example_inputs=inputs).train()
+    result = compare_with_reference(name, model, routed, inputs, f"{span}@0.5")
+    assert result["finite"]                  # the broken model runs ...
+    assert not result["equal"]               # ... and the reference catches it
+    assert result["max_abs_diff"] > 100 * TOLERANCE * result["scale"]  # far off, not noise
 
 
 def test_rope_tables_reach_routed_blocks_gathered_with_the_same_indices():
@@ -119,6 +200,10 @@ def test_uvit_long_skips_are_gathered_and_scattered_back():
              for n in routed.graph.nodes if "tread" in n.meta}
     assert (0, "scatter_escape") in roles and (1, "side") in roles
     routed(*inputs).square().mean().backward()
+    # the skips leaving route 0 come back with their pre-route values (the reference resets
+    # the dropped tokens of every block output made inside a route)
+    result = compare_with_reference(NAMES["U-ViT"], model, routed, inputs, "0:1@0.5,4:5@0.5")
+    assert result["equal"], result
     r0 = tread_fx.route(model, "0:1@0,4:5@0", example_inputs=inputs).train()
     model.train()
     assert torch.equal(r0(*inputs), model(*inputs))
