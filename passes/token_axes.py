@@ -152,19 +152,8 @@ def block_nodes(graph: fx.Graph, targets: Sequence[str]) -> list[fx.Node]:
 
 def _argument_items(block: fx.Node):
     """(argument name, node) for every node a block receives, tuples flattened."""
-    def walk(name, value):
-        if isinstance(value, fx.Node):
-            yield name, value
-        elif isinstance(value, (list, tuple)):
-            for i, v in enumerate(value):
-                yield from walk(f"{name}[{i}]", v)
-        elif isinstance(value, dict):
-            for k, v in value.items():
-                yield from walk(f"{name}[{k!r}]", v)
-    for i, a in enumerate(block.args):
-        yield from walk(str(i), a)
-    for k, a in block.kwargs.items():
-        yield from walk(k, a)
+    return ((name, v) for name, v in _items(block.args, block.kwargs)
+            if isinstance(v, fx.Node))
 
 
 def span_nodes(flow: nx.DiGraph, blocks: list[fx.Node], out: fx.Node) -> set[fx.Node]:
@@ -176,8 +165,8 @@ def span_nodes(flow: nx.DiGraph, blocks: list[fx.Node], out: fx.Node) -> set[fx.
 # -- batch axes: the blocks observed at another batch size --------------------------------
 
 def _items(args: tuple, kwargs: dict):
-    """(argument name, value) of a call, tuples flattened: the names of
-    :func:`_argument_items`, for run-time values."""
+    """(argument name, value) of a call, lists, tuples and dicts flattened (``"0"``,
+    ``"rope[1]"``): the same names for a graph node's arguments and for run-time values."""
     def walk(name, value):
         if isinstance(value, (list, tuple)):
             for i, v in enumerate(value):
