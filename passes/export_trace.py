@@ -416,11 +416,14 @@ def _export(model, args, kwargs, leaves, dynamic: bool):
 
 
 def export_trace(model: nn.Module, leaves: list[nn.Module], inputs: dict[str, Any],
-                 mode: str) -> ExportResult:
+                 mode: str, flags: list[tuple[nn.Module, bool]] | None = None,
+                 dynamic: bool = True) -> ExportResult:
     """Export ``model`` in ``mode`` ("train"/"eval") and build its module-level graph with
     ``leaves`` as ``call_module`` nodes.  ``inputs`` is ``{forward parameter: value}``
-    (as :func:`tread_fx.passes.trace.bind_inputs` returns)."""
-    if mode not in ("train", "eval"):
+    (as :func:`tread_fx.passes.trace.bind_inputs` returns).  ``flags`` sets each module's
+    training flag instead of ``model.train(mode == "train")``; ``dynamic=False`` exports
+    with static shapes only."""
+    if flags is None and mode not in ("train", "eval"):
         raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}")
     names: dict[int, str] = {}
     for name, module in model.named_modules(remove_duplicate=False):
@@ -434,9 +437,13 @@ def export_trace(model: nn.Module, leaves: list[nn.Module], inputs: dict[str, An
                  if not any(f.startswith(o + ".") for o in leaf_fqns if o)]
     args, kwargs, owners = _call_layout(model, inputs)
     dynamic_error, seconds = None, 0.0
-    for dynamic in (True, False):
+    for dynamic in (True, False) if dynamic else (False,):
         with preserved_modes(model), torch.random.fork_rng(devices=[]):
-            model.train(mode == "train")
+            if flags is None:
+                model.train(mode == "train")
+            else:
+                for module, flag in flags:
+                    module.training = flag
             start = time.perf_counter()
             try:
                 ep = _export(model, args, kwargs, leaf_fqns, dynamic=dynamic)

@@ -31,11 +31,13 @@ _RANDOM = {"rand", "randn", "randint", "rand_like", "randn_like", "randint_like"
            "exponential_", "random_"}
 
 
-def freeze(value: Any) -> Any:
-    """A hashable record of what a graph depends on in an argument: a tensor's shape,
-    dtype and device; a container's structure; any other value itself."""
+def freeze(value: Any, free: tuple[int, ...] = ()) -> Any:
+    """A hashable record of what a graph depends on in an argument: a tensor's shape (but
+    the ``free`` dims, which a graph checks itself), dtype and device; a container's
+    structure; any other value itself."""
     if isinstance(value, torch.Tensor):
-        return ("tensor", tuple(value.shape), value.dtype, value.device)
+        shape = tuple(None if i in free else d for i, d in enumerate(value.shape))
+        return ("tensor", shape, value.dtype, value.device)
     if isinstance(value, (list, tuple)):
         return (type(value).__name__, tuple(freeze(v) for v in value))
     if isinstance(value, dict):
@@ -77,6 +79,9 @@ class Guard:
         self.tensors = list(tensors)           # (module, name) of tensors the graph reads
         self.inputs = inputs
         self.class_name = type(model).__name__
+        # dims left out of the key, per argument: the batch dims of graphs that serve any
+        # batch size (each such graph checks them itself)
+        self.free_dims: dict[str, tuple[int, ...]] = {}
 
     def bind(self, args: tuple, kwargs: dict) -> dict[str, Any]:
         if len(args) > len(self.positional):
@@ -113,8 +118,9 @@ class Guard:
                 t = module._buffers.get(name)
             if t is not None:
                 tensors.append((t.dtype, t.device))
-        return (modes, tuple(freeze(call[n]) for n in self.names), _autocast_state(),
-                tuple(tensors))
+        free = self.free_dims
+        return (modes, tuple(freeze(call[n], free.get(n, ())) for n in self.names),
+                _autocast_state(), tuple(tensors))
 
     def describe(self, key: tuple) -> dict[str, Any]:
         """The parts of a key, named (for warnings and messages)."""

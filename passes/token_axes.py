@@ -364,8 +364,8 @@ def _is_metadata(node: fx.Node) -> bool:
         return node.args[1] in _META_ATTRS
     if node.op == "call_method":
         return node.target in _META_METHODS
-    if node.op == "call_function" and getattr(node.target, "__name__", "") in (
-            "sym_size", "sym_numel", "sym_stride"):
+    if node.op == "call_function" and getattr(node.target, "__name__", "").split(".")[0] in (
+            "sym_size", "sym_numel", "sym_stride", "sym_storage_offset"):
         return True
     return False
 
@@ -390,8 +390,11 @@ def _image_inputs(graph: fx.Graph, chain_input: fx.Node) -> list[fx.Node]:
     return named[:1] or places[:1]
 
 
+_CATS = (torch.cat, torch.concat, torch.ops.aten.cat.default)
+
+
 def _cat_dim(node: fx.Node) -> Any:
-    if node.op == "call_function" and node.target is torch.cat:
+    if node.op == "call_function" and node.target in _CATS:
         return node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
     return None
 

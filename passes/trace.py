@@ -58,6 +58,9 @@ class Traced:
         # per mode: (node, conversion, value, source line) of each Python conversion of a
         # value computed from tensor data (an `if` on tensor values, int(t.max()), ...)
         self.conversions: dict[str, list[tuple[fx.Node, str, Any, str]]] = {}
+        self.failures: list[str] = []   # why the front ends tried before this one failed
+        # export front end: per mode, the ExportResult (dims it is valid for, check_inputs)
+        self.exports: dict[str, Any] = {}
 
 
 class _LeafTracer(fx.Tracer):
@@ -345,7 +348,7 @@ def mode_flags(model: nn.Module, train: bool) -> list[tuple[nn.Module, bool]]:
 
 def trace_modes(model: nn.Module, leaves: Iterable[nn.Module], example_inputs: Any = None,
                 modes: Mapping[str, list[tuple[nn.Module, bool]]] | None = None,
-                front_end: str | None = None) -> Traced:
+                front_end: str | None = None, dynamic: bool = False) -> Traced:
     """Trace ``model`` once per mode with ``leaves`` as leaf modules.
 
     ``modes`` maps a mode name to the training flag of each module while it is traced
@@ -357,21 +360,64 @@ def trace_modes(model: nn.Module, leaves: Iterable[nn.Module], example_inputs: A
     leaves = list(leaves)
     if modes is None:
         modes = {"train": mode_flags(model, True), "eval": mode_flags(model, False)}
-    if front_end != "concrete":
+    failures = []
+    if front_end in (None, "fx"):
         try:
             return _trace(model, lambda: _LeafTracer(leaves), modes, "fx")
         except TraceError as fx_error:
-            if example_inputs is None:
+            if example_inputs is None or front_end == "fx":
                 raise TraceError(
                     f"{fx_error} -- or pass example_inputs=(...) to route(), so the model is "
                     f"traced on real values (a graph specialised to those input shapes)"
                 ) from fx_error.__cause__
+            failures.append(str(fx_error))
     if example_inputs is None:
         raise TraceError(f"{type(model).__name__} is traced on example inputs; none given")
     inputs = bind_inputs(model, example_inputs)
-    traced = _trace(model, lambda: _ConcreteTracer(leaves, inputs), modes, "concrete",
-                    {k: shape_tree(v) for k, v in inputs.items() if has_tensor(v)})
+    shapes = {k: shape_tree(v) for k, v in inputs.items() if has_tensor(v)}
+    if front_end in (None, "export"):
+        try:
+            return _export_modes(model, leaves, inputs, modes, shapes, dynamic)
+        except TraceError as err:
+            if front_end == "export":
+                raise
+            failures.append(str(err).split("\n")[0])
+    try:
+        traced = _trace(model, lambda: _ConcreteTracer(leaves, inputs), modes, "concrete",
+                        shapes)
+    except TraceError as err:
+        if failures:
+            raise TraceError("; ".join(failures + [str(err)])) from err
+        raise
     traced.baked = {k: v for k, v in inputs.items() if not has_tensor(v)}
+    traced.failures = failures
+    return traced
+
+
+def _export_modes(model: nn.Module, leaves: list[nn.Module], inputs: dict[str, Any],
+                  modes: Mapping[str, list[tuple[nn.Module, bool]]], shapes: dict,
+                  dynamic: bool) -> Traced:
+    """The ``export`` front end: torch.export per mode, outlined into a graph whose blocks
+    are the user's own modules (passes/export_trace.py).  ``dynamic``: let export keep the
+    dims it can symbolic (``Dim.AUTO``)."""
+    from .export_trace import export_trace
+    graphs, constants, exports = {}, {}, {}
+    for mode, flags in modes.items():
+        result = export_trace(model, leaves, inputs, mode, flags, dynamic=dynamic)
+        exports[mode] = result
+        renamed = {}
+        for name, value in result.constants.items():
+            renamed[name] = f"export_{mode}_{name}"
+            constants[renamed[name]] = value
+        for node in result.graph.nodes:
+            if node.op == "get_attr" and node.target in renamed:
+                node.target = renamed[node.target]
+        graphs[mode] = result.graph
+    traced = Traced(graphs, "export", constants, shapes)
+    traced.exports = exports
+    traced.baked = {k: v for k, v in inputs.items() if not has_tensor(v)}
+    inside = {id(m) for leaf in leaves for m in leaf.modules()}
+    traced.traced_modules = [m for m in model.modules() if id(m) not in inside and m is not model]
     return traced
 
 

@@ -1,5 +1,5 @@
 """diffusers transformers built from small configs (random weights, no downloads) route
-without any per-model code: torch.fx cannot trace them, so the concrete front end does."""
+without any per-model code: torch.fx cannot trace them, so torch.export does."""
 
 import pytest
 import torch
@@ -12,13 +12,13 @@ from tread_fx.tools.zoo import DIFFUSERS, build
 @pytest.mark.parametrize("name", list(DIFFUSERS))
 def test_diffusers_model_routes(name):
     result = check_backbone(name)
-    assert result["front_end"] == "concrete"
+    assert result["front_end"] == "export"
     assert result["ratio0_bit_equal"] and result["eval_equal"] and result["trains_at_half"]
     model, inputs, _ = build(name)
     with pytest.raises(tread_fx.TraceError, match="torch.fx could not trace"):
         tread_fx.route(model, "1:2@0.5")  # shape-dependent Python: needs example inputs
     routed = tread_fx.route(model, "1:2@0.5", example_inputs=inputs)
-    assert routed.front_end == "concrete"
+    assert routed.front_end == "export"
     assert routed.block_chain[:3] == ("transformer_blocks.0", "transformer_blocks.1",
                                       "transformer_blocks.2")
     # the routed blocks see 8 of the 16 image tokens

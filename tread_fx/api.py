@@ -80,7 +80,7 @@ def _require_routed(routed: nn.Module, caller: str) -> TreadGraphModule:
 
 
 def _graphs_of(model: nn.Module, spec: RouteSpec, example_inputs: Any, modes=None,
-               front_end: str | None = None):
+               front_end: str | None = None, dynamic: bool = False):
     """Trace (or take) the model's graphs and find its block chain."""
     if isinstance(model, fx.GraphModule):
         traced = Traced({"train": copy.deepcopy(model.graph)}, "user", {}, None)
@@ -89,7 +89,7 @@ def _graphs_of(model: nn.Module, spec: RouteSpec, example_inputs: Any, modes=Non
     groups = find_candidates(model, spec.blocks)
     if traced is None:
         leaves = [model.get_submodule(n) for g in groups for n in g.names]
-        traced = trace_modes(model, leaves, example_inputs, modes, front_end)
+        traced = trace_modes(model, leaves, example_inputs, modes, front_end, dynamic)
     chain = find_block_chain(next(iter(traced.graphs.values())), groups, spec.hidden, model)
     _check_chain(chain, groups, traced.graphs, spec.hidden, model)
     return traced, chain
@@ -199,7 +199,7 @@ def route(model: nn.Module, spec: Any, example_inputs: Any = None, *,
           keep_order: bool | None = None, seed: int | None = None,
           blocks: str | None = None, hidden: str | int | None = None,
           token_inputs: Mapping[str | int, Any] | None = None,
-          prefix_tokens: int | None = None) -> TreadGraphModule:
+          prefix_tokens: int | None = None, front_end: str | None = None) -> TreadGraphModule:
     """Return a routed copy of ``model`` that trains with TREAD token routing.
 
     Args:
@@ -219,6 +219,9 @@ def route(model: nn.Module, spec: Any, example_inputs: Any = None, *,
             runs once in train mode as a safety check.
         keep_order, seed, blocks, hidden, token_inputs, prefix_tokens: override the
             spec's options (see :class:`RouteSpec`).
+        front_end: ``"fx"``, ``"export"`` or ``"concrete"`` to use that tracer only; by
+            default torch.fx, then (with example inputs) torch.export, then the concrete
+            tracer, the first that traces the model.
 
     The result shares the model's parameters and buffers (identical ``state_dict`` keys)
     and leaves the model itself as it was.  It routes in ``train()`` mode only; in
@@ -229,16 +232,20 @@ def route(model: nn.Module, spec: Any, example_inputs: Any = None, *,
     _refuse_wrappers(model)
     spec = parse_spec(spec, keep_order=keep_order, seed=seed, blocks=blocks, hidden=hidden,
                       token_inputs=token_inputs, prefix_tokens=prefix_tokens)
-    return _route(model, spec, example_inputs)
+    if front_end not in (None, "fx", "export", "concrete"):
+        raise ValueError(f"front_end must be 'fx', 'export', 'concrete' or None, got "
+                         f"{front_end!r}")
+    return _route(model, spec, example_inputs, front_end)
 
 
-def _route(model: nn.Module, spec: RouteSpec, example_inputs: Any) -> TreadGraphModule:
+def _route(model: nn.Module, spec: RouteSpec, example_inputs: Any,
+           front_end: str | None = None) -> TreadGraphModule:
     if isinstance(model, TreadGraphModule):
         if example_inputs is None:
             example_inputs = model.__dict__.get("_tread_example")
         model = model._tread_model
     call = None if example_inputs is None else _bind_example(model, example_inputs)
-    traced, chain = _graphs_of(model, spec, call)
+    traced, chain = _graphs_of(model, spec, call, front_end=front_end, dynamic=True)
     where = f"the block sequence {chain.targets[0]}..{chain.targets[-1]}"
     spec = spec.resolve(len(chain), where)
     selectors: dict = {}
@@ -253,14 +260,86 @@ def _route(model: nn.Module, spec: RouteSpec, example_inputs: Any) -> TreadGraph
     routed.baked_inputs = traced.baked
     routed._tread_init(model, _guard_for(model, routed, traced), call)
     if routed._guard is not None:
-        flags = {"train": mode_flags(model, True), "eval": mode_flags(model, False)}
-        for mode, (g, *_rest, guards) in built.items():
-            routed._add_variant(g, mode, guards, _modes_key(routed._guard, flags[mode],
-                                                             mode == "train"), call)
+        free = _batch_dims(traced)
+        for attempt in (free, {}) if free else ({},):
+            routed._guard.free_dims = attempt
+            routed._variants.clear()
+            flags = {"train": mode_flags(model, True), "eval": mode_flags(model, False)}
+            for mode, (g, *_rest, guards) in built.items():
+                check = traced.exports[mode].check_inputs if traced.exports else None
+                routed._add_variant(g, mode, guards, _modes_key(routed._guard, flags[mode],
+                                                                 mode == "train"), call, check)
+            if not attempt or _serves_another_batch(routed, model, call):
+                break
     args, inside, shapes = built["train"][1:4]
     if args is not None and spec.routes:
         check_routes(routed, args, shapes, inside)
     return routed
+
+
+def _batch_dims(traced: Traced) -> dict[str, tuple[int, ...]]:
+    """Per forward argument, the dims that are the batch in every exported graph: the
+    symbolic first dim of the first tensor argument, wherever it recurs."""
+    free = None
+    for result in traced.exports.values():
+        dims = {k: v for k, v in result.input_dims.items() if "[" not in k}
+        first = next(iter(dims.values()), ())
+        symbol = first[0] if first and isinstance(first[0], str) else None
+        if symbol is None or not result.dynamic:
+            return {}
+        found = {k: tuple(i for i, d in enumerate(v) if d == symbol) for k, v in dims.items()}
+        found = {k: v for k, v in found.items() if v}
+        if free is not None and found != free:
+            return {}
+        free = found
+    return free or {}
+
+
+def _outputs_equal(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and \
+            a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_outputs_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_outputs_equal(x, y) for x, y in zip(a, b))
+    return type(a) is type(b)
+
+
+def _serves_another_batch(routed: TreadGraphModule, model: nn.Module,
+                          call: dict[str, Any]) -> bool:
+    """Do the graphs exported with a symbolic batch compute what the model computes at one
+    more sample?  (Export may unroll a loop over the batch without a guard.)  Checked with
+    the routes off, in both modes, before a graph is trusted for other batch sizes."""
+    from tread_fx.passes.token_axes import _grow_batch
+    first = next(v for v in call.values() if isinstance(v, torch.Tensor))
+    grown = {k: _grow_batch(v, first.shape[0]) for k, v in call.items()}
+    selectors = routed.selectors
+    try:
+        for train in (False, True):
+            with frozen_state(model):
+                model.train(train)
+                routed.train(train)
+                for s in selectors:
+                    s.force_active = False
+                variants = [v for vs in routed._variants.values() for v in vs]
+                variant = next(v for v in variants if v.graph is (
+                    routed.graph if train else routed.eval_graph))
+                if not variant.accepts(routed, grown):
+                    return False
+                torch.manual_seed(0)
+                ref = model(**grown)
+                torch.manual_seed(0)
+                out = variant.forward(routed, *variant.args(grown))
+                if not _outputs_equal(out, ref):
+                    return False
+        return True
+    except Exception:  # noqa: BLE001 - any failure: the graphs serve one batch size only
+        return False
+    finally:
+        for s in selectors:
+            s.force_active = None
+            s.last_indices = None
 
 
 def _specialise(routed: TreadGraphModule, call: dict[str, Any]) -> fx.Graph:
@@ -282,8 +361,9 @@ def _specialise(routed: TreadGraphModule, call: dict[str, Any]) -> fx.Graph:
     for name, value in constants.items():
         routed._tread.register_buffer(name, value, persistent=False)
     graph, args, inside, shapes, guards = built["now"]
+    check = traced.exports["now"].check_inputs if traced.exports else None
     variant = routed._add_variant(graph, "train" if routed.training else "eval", guards,
-                                  None, call)
+                                  None, call, check)
     if args is not None and routed.route_spec.routes and routed.training:
         check_routes(routed, args, shapes, inside, graph)
     return variant
@@ -296,7 +376,8 @@ def unroute(routed: nn.Module) -> TreadGraphModule:
     like the routed module does.
     """
     routed = _require_routed(routed, "unroute")
-    dense = _route(routed, replace(routed.route_spec, routes=()), None)
+    front_end = routed.front_end if routed.front_end in ("fx", "export", "concrete") else None
+    dense = _route(routed, replace(routed.route_spec, routes=()), None, front_end)
     type(dense).__name__ = type(routed._tread_model).__name__
     return dense
 

@@ -29,16 +29,23 @@ WARN_AFTER = 8
 class Variant:
     """One traced graph and what it was specialised on beyond its key."""
 
-    def __init__(self, forward, names: list[str] | None, guards, graph: fx.Graph) -> None:
+    def __init__(self, forward, names: list[str] | None, guards, graph: fx.Graph,
+                 check=None) -> None:
         self.forward = forward      # compiled graph: (root, *placeholder values)
         self.names = names          # placeholder argument names; None: call as given
         self.guards = guards        # passes.guards.ValueGuards or None
         self.graph = graph
+        self.check = check          # (call) -> None or ValueError: the input dims it serves
 
     def args(self, call: dict) -> list:
         return [call[n] for n in self.names]
 
     def accepts(self, root: nn.Module, call: dict) -> bool:
+        if self.check is not None:
+            try:
+                self.check(call)
+            except ValueError:
+                return False
         return self.guards is None or self.guards.holds(root, self.args(call))
 
 
@@ -142,7 +149,7 @@ class TreadGraphModule(fx.GraphModule):
             self._tread_example = example
 
     def _add_variant(self, graph: fx.Graph, mode: str, guards, key: tuple | None,
-                     call: dict | None) -> Variant:
+                     call: dict | None, check=None) -> Variant:
         guard = self._guard
         if graph is self.graph:
             forward = type(self)._train_forward
@@ -153,7 +160,7 @@ class TreadGraphModule(fx.GraphModule):
             forward, _ = _compile_graph(graph, f"<tread_fx {mode} graph of {type(self).__name__}>")
         names = None if not guard.inputs else [
             n.target for n in graph.nodes if n.op == "placeholder"]
-        variant = Variant(forward, names, guards, graph)
+        variant = Variant(forward, names, guards, graph, check)
         if key is None:
             key = guard.key(call) if guard.inputs else guard.key(None)
         elif guard.inputs:

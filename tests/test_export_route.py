@@ -1,0 +1,110 @@
+"""route() with the torch.export front end: the user's own blocks run (hooks, parameters),
+one graph serves every batch size where that is proven, and not where it is not."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import tread_fx
+from tread_fx.tools.zoo import build
+
+
+def _pixart():
+    model, inputs, _ = build("diffusers PixArtTransformer2DModel")
+    return model, {k: v for k, v in inputs.items() if k != "return_dict"}
+
+
+def _batch(inputs, b, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for k, v in inputs.items():
+        if k == "timestep":
+            out[k] = torch.randint(0, 1000, (b,), generator=gen)
+        elif torch.is_tensor(v):
+            out[k] = torch.randn((b, *v.shape[1:]), generator=gen)
+        else:
+            out[k] = v
+    return out
+
+
+def test_exported_graph_calls_the_users_blocks_and_reads_its_parameters():
+    model, inputs = _pixart()
+    routed = tread_fx.route(model, "1:2@0.5", example_inputs=inputs, front_end="export")
+    assert routed.front_end == "export"
+    blocks = [n for n in routed.graph.nodes if n.op == "call_module"
+              and n.target.startswith("transformer_blocks.")]
+    assert [n.target for n in blocks] == [f"transformer_blocks.{i}" for i in range(4)]
+    for node in routed.graph.nodes:
+        if node.op == "get_attr" and not node.target.startswith("_tread."):
+            owner, _, name = node.target.rpartition(".")
+            module = model.get_submodule(owner)
+            assert getattr(routed.get_submodule(owner), name) is getattr(module, name)
+    assert routed.state_dict().keys() == model.state_dict().keys()
+    # a hook on the user's block (as LoRA or a profiler adds) changes what the routed model
+    # computes, in eval mode exactly like in the model
+    routed.eval(), model.eval()
+    handle = model.transformer_blocks[2].register_forward_hook(lambda m, a, out: out * 0.5)
+    try:
+        with torch.no_grad():
+            assert torch.equal(routed(**inputs)[0], model(**inputs)[0])
+            hooked = routed(**inputs)[0]
+    finally:
+        handle.remove()
+    with torch.no_grad():
+        assert not torch.equal(hooked, routed(**inputs)[0])
+
+
+def test_one_exported_graph_serves_every_batch_size():
+    model, inputs = _pixart()
+    routed = tread_fx.route(model, "1:2@0.5", example_inputs=inputs)
+    assert routed.front_end == "export" and routed._guard.free_dims
+    routed.eval(), model.eval()
+    with torch.no_grad():
+        for b in (2, 3, 5):
+            batch = _batch(inputs, b, seed=b)
+            assert torch.equal(routed(**batch)[0], model(**batch)[0])
+    routed.train()
+    for b in (2, 4):
+        out = routed(**_batch(inputs, b))[0]
+        assert out.shape[0] == b and routed.selectors[0].last_indices.shape == (b, 8)
+    assert routed.retraces == 0
+    # export specialises a size of 1: batch 1 is outside the graph's range, traced anew
+    routed.eval()
+    with torch.no_grad():
+        batch = _batch(inputs, 1)
+        assert torch.equal(routed(**batch)[0], model(**batch)[0])
+    assert routed.retraces == 1
+
+
+class _Block(nn.Module):
+    def __init__(self, d=8):
+        super().__init__()
+        self.lin = nn.Linear(d, d)
+
+    def forward(self, x):
+        return x + self.lin(x)
+
+
+class UnrolledBatch(nn.Module):
+    """Python loop over pairs of samples: export unrolls it for the example's batch."""
+
+    def __init__(self, depth=4):
+        super().__init__()
+        self.blocks = nn.ModuleList(_Block() for _ in range(depth))
+
+    def forward(self, x):
+        parts = [p * (i + 1) for i, p in enumerate(torch.split(x, 2))]
+        x = torch.cat(parts)
+        for b in self.blocks:
+            x = b(x)
+        return x
+
+
+def test_batch_dim_not_trusted_where_the_graph_depends_on_it():
+    model = UnrolledBatch().eval()
+    x = torch.randn(4, 6, 8)
+    routed = tread_fx.route(model, "1:2@0.5", example_inputs=(x,)).eval()
+    for b in (4, 3, 6, 4):
+        xb = torch.randn(b, 6, 8)
+        assert torch.equal(routed(xb), model(xb))
