@@ -66,6 +66,9 @@ from tread_fx.passes.trace import TraceError, preserved_modes
 __all__ = ["ExportError", "ExportResult", "export_trace", "graph_module"]
 
 
+_SYMBOL = re.compile(r"[a-z]\d+")
+
+
 class ExportError(TraceError):
     """torch.export could not export the model, or its graph could not be outlined."""
 
@@ -115,7 +118,10 @@ class ExportResult:
             if name in inputs and not _same_value(inputs[name], value):
                 raise ValueError(f"{name}={inputs[name]!r}: the graph is made for "
                                  f"{name}={value!r}")
-        leaves = dict(_input_leaves(inputs))
+        if all("[" not in path for path in self.input_dims):   # no nested tensors: direct
+            leaves = {k: v for k, v in inputs.items() if isinstance(v, torch.Tensor)}
+        else:
+            leaves = dict(_input_leaves(inputs))
         bound: dict[str, int] = {}
         for path, dims in self.input_dims.items():
             if path not in leaves:
@@ -128,7 +134,7 @@ class ExportResult:
                     if want != got:
                         raise ValueError(f"{path}: dim {i} is specialised to {want}, got "
                                          f"shape {shape}")
-                elif re.fullmatch(r"[a-z]\d+", want):
+                elif _SYMBOL.fullmatch(want):
                     if bound.setdefault(want, got) != got:
                         raise ValueError(f"{path}: dim {i} ({want}) must equal {bound[want]}"
                                          f" (the same symbol elsewhere), got {got}")

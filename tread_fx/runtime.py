@@ -289,9 +289,10 @@ class TokenSelector(nn.Module):
         indices = select_tokens(x, self.selection_ratio, self.keep_order,
                                 self._generator(x.device), self.label, self.fixed, self.shared,
                                 self.axes)
-        self.last_indices = indices
-        self.last_num_tokens = x.shape[self.axes[1]]
-        if indices.shape[1] == self.last_num_tokens and self.keep_order:
+        num_tokens = x.shape[self.axes[1]]
+        if not torch.compiler.is_exporting():   # export keeps no module state
+            self.last_indices, self.last_num_tokens = indices, num_tokens
+        if indices.shape[1] == num_tokens and self.keep_order:
             # Every token kept, in order: the route is the identity, and gathering would
             # only change memory layouts (and with them the last bits of later kernels).
             return None
