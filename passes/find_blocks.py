@@ -200,6 +200,18 @@ def find_block_chain(graph: fx.Graph, groups: list[CandidateGroup],
                                  f"({streams})")
             elif key is not None:
                 dag.add_edge(block, user, key=key)
+    # A block of another kind joins a chain only through the argument the blocks of that
+    # kind pass the stream on with (a text refiner's output entering the main blocks as
+    # their encoder_hidden_states is not the stream the main blocks carry).
+    internal: dict[type, set] = {}
+    for a, b, key in dag.edges(data="key"):
+        if member_of[a.target].cls is member_of[b.target].cls:
+            internal.setdefault(member_of[b.target].cls, set()).add(key[2])
+    dag.remove_edges_from([
+        (a, b) for a, b, key in list(dag.edges(data="key"))
+        if member_of[a.target].cls is not member_of[b.target].cls
+        and internal.get(member_of[b.target].cls) and key[2] not in internal[
+            member_of[b.target].cls]])
     components = sorted((nx.dag_longest_path(dag.subgraph(c))
                          for c in nx.weakly_connected_components(dag)), key=len, reverse=True)
     if not components or len(components[0]) < 2:

@@ -526,6 +526,14 @@ def plan_routes(graph: fx.Graph, chain: BlockChain, routes: Sequence[Route],
         hidden = shapes.get(x_in) if shapes else None
         if hidden is not None:
             plan.tokens = hidden[axes[1]]
+            if shapes.get(out) != hidden:
+                raise TokenAxisError(
+                    f"route {routes.index(route)} ({route}): the stream enters block "
+                    f"{span[0].target!r} with shape {hidden} but leaves block "
+                    f"{span[-1].target!r} with shape {shapes.get(out)}: the blocks of the "
+                    f"route do not carry one token stream (the chain joins two kinds of "
+                    f"blocks). Route blocks on one side of {span[0].target!r}.."
+                    f"{span[-1].target!r}, or name the container with blocks='<path>'")
         seen: dict[fx.Node, SideInput] = {}
         for block in [n for n in graph.nodes if n in inside]:
             is_block = block in span

@@ -612,3 +612,50 @@ def test_default_argument_given_another_value():
     assert torch.equal(routed(x, scale=3.0), model(x, scale=3.0))
     assert torch.equal(routed(x, 2.0), model(x, 2.0))
     assert torch.equal(routed(x), model(x))
+
+
+# -- zoo: a text refiner's blocks do not join the main blocks' chain -----------------------
+
+class _Refiner(nn.Module):
+    def __init__(self, d=8):
+        super().__init__()
+        self.lin = nn.Linear(d, d)
+
+    def forward(self, x):
+        return x + self.lin(x)
+
+
+class _Main(nn.Module):
+    def __init__(self, d=8):
+        super().__init__()
+        self.q = nn.Linear(d, d)
+        self.kv = nn.Linear(d, 2 * d)
+
+    def forward(self, hidden_states, encoder_hidden_states):
+        k, v = self.kv(torch.cat([encoder_hidden_states, hidden_states], 1)).chunk(2, -1)
+        return hidden_states + F.scaled_dot_product_attention(self.q(hidden_states), k, v)
+
+
+class RefinedText(nn.Module):
+    """Like HunyuanVideo: refiner blocks on the text, whose output enters every main block."""
+
+    def __init__(self, depth=4):
+        super().__init__()
+        self.refiner = nn.ModuleList(_Refiner() for _ in range(2))
+        self.blocks = nn.ModuleList(_Main() for _ in range(depth))
+
+    def forward(self, hidden_states, encoder_hidden_states):
+        for r in self.refiner:
+            encoder_hidden_states = r(encoder_hidden_states)
+        for b in self.blocks:
+            hidden_states = b(hidden_states, encoder_hidden_states)
+        return hidden_states
+
+
+def test_chain_does_not_run_from_text_refiner_into_main_blocks():
+    model = RefinedText()
+    inputs = (torch.randn(2, 10, 8), torch.randn(2, 6, 8))
+    routed = tread_fx.route(model, "1:2@0.5", example_inputs=inputs).train()
+    assert routed.block_chain == tuple(f"blocks.{i}" for i in range(4))
+    seen = _seen_by(list(model.blocks), lambda: routed(*inputs))
+    assert [seen[i].shape[1] for i in range(4)] == [10, 5, 5, 10]

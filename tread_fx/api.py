@@ -269,7 +269,10 @@ def _route(model: nn.Module, spec: RouteSpec, example_inputs: Any,
                 check = traced.exports[mode].check_inputs if traced.exports else None
                 routed._add_variant(g, mode, guards, _modes_key(routed._guard, flags[mode],
                                                                  mode == "train"), call, check)
-            if not attempt or _serves_another_batch(routed, model, call):
+            variants = [(vs[-1], mode == "train") for mode in built for vs in
+                        [[v for vl in routed._variants.values() for v in vl
+                          if v.graph is built[mode][0]]]]
+            if not attempt or _serves_another_batch(routed, model, call, variants):
                 break
     args, inside, shapes = built["train"][1:4]
     if args is not None and spec.routes:
@@ -306,25 +309,25 @@ def _outputs_equal(a: Any, b: Any) -> bool:
     return type(a) is type(b)
 
 
-def _serves_another_batch(routed: TreadGraphModule, model: nn.Module,
-                          call: dict[str, Any]) -> bool:
-    """Do the graphs exported with a symbolic batch compute what the model computes at one
-    more sample?  (Export may unroll a loop over the batch without a guard.)  Checked with
-    the routes off, in both modes, before a graph is trusted for other batch sizes."""
+def _serves_another_batch(routed: TreadGraphModule, model: nn.Module, call: dict[str, Any],
+                          variants: Sequence[tuple[Any, bool]]) -> bool:
+    """Do graphs exported with a symbolic batch compute what the model computes at one more
+    sample?  (Export may unroll a loop over the batch without a guard.)  Each of
+    ``variants`` (variant, train mode) is run with the routes off and compared with the
+    model in the same mode, before it is trusted for other batch sizes."""
     from tread_fx.passes.token_axes import _grow_batch
     first = next(v for v in call.values() if isinstance(v, torch.Tensor))
     grown = {k: _grow_batch(v, first.shape[0]) for k, v in call.items()}
     selectors = routed.selectors
+    flags = [(m, m.training) for m in model.modules()]
     try:
-        for train in (False, True):
+        for variant, train in variants:
             with frozen_state(model):
-                model.train(train)
-                routed.train(train)
+                for m, flag in flags:     # the variant's own flags, the root's mode
+                    m.training = flag
+                model.training = routed.training = train
                 for s in selectors:
                     s.force_active = False
-                variants = [v for vs in routed._variants.values() for v in vs]
-                variant = next(v for v in variants if v.graph is (
-                    routed.graph if train else routed.eval_graph))
                 if not variant.accepts(routed, grown):
                     return False
                 torch.manual_seed(0)
@@ -337,9 +340,24 @@ def _serves_another_batch(routed: TreadGraphModule, model: nn.Module,
     except Exception:  # noqa: BLE001 - any failure: the graphs serve one batch size only
         return False
     finally:
+        for m, flag in flags:
+            m.training = flag
         for s in selectors:
             s.force_active = None
             s.last_indices = None
+
+
+def _exact_shapes(call: dict[str, Any], check):
+    """A variant check that also pins every input shape to ``call``'s."""
+    from tread_fx.passes.guards import freeze
+    want = {k: freeze(v) for k, v in call.items()}
+
+    def exact(other: dict[str, Any]) -> None:
+        if check is not None:
+            check(other)
+        if any(freeze(other[k]) != v for k, v in want.items() if k in other):
+            raise ValueError("input shapes differ")
+    return exact
 
 
 def _specialise(routed: TreadGraphModule, call: dict[str, Any]) -> fx.Graph:
@@ -348,8 +366,9 @@ def _specialise(routed: TreadGraphModule, call: dict[str, Any]) -> fx.Graph:
     model = routed._tread_model
     flags = [(m, m.training) for m in model.modules()]
     flags[0] = (model, routed.training)
+    dynamic = bool(routed._guard.free_dims) and routed.front_end == "export"
     traced, chain = _graphs_of(model, routed.route_spec, call, {"now": flags},
-                               routed.front_end)
+                               routed.front_end, dynamic)
     if tuple(chain.targets) != routed.block_chain:
         raise NoBlocksFound(
             f"traced again for a new call, {type(model).__name__} calls the blocks "
@@ -364,6 +383,9 @@ def _specialise(routed: TreadGraphModule, call: dict[str, Any]) -> fx.Graph:
     check = traced.exports["now"].check_inputs if traced.exports else None
     variant = routed._add_variant(graph, "train" if routed.training else "eval", guards,
                                   None, call, check)
+    if dynamic and not (_batch_dims(traced) and _serves_another_batch(
+            routed, model, call, [(variant, routed.training)])):
+        variant.check = _exact_shapes(call, check)
     if args is not None and routed.route_spec.routes and routed.training:
         check_routes(routed, args, shapes, inside, graph)
     return variant

@@ -121,7 +121,10 @@ def kept_count(num_tokens: int, selection_ratio: float, label: str = "route") ->
         raise ValueError(
             f"{label}: selection_ratio={selection_ratio} routes no token of {num_tokens} "
             f"(floor({num_tokens} * {selection_ratio}) = 0), so routing would silently do "
-            f"nothing; use a ratio of at least {1 / num_tokens:.4g} or 0"
+            f"nothing; " + (f"use a ratio of at least {1 / num_tokens:.4g} or 0"
+                            if num_tokens > 1 else
+                            "a single routable token cannot be routed: route other blocks, "
+                            "or use ratio 0")
         )
     return kept
 
