@@ -118,6 +118,9 @@ def test_value_dependent_branch_is_guarded():
         tt = torch.full((2,), t)
         assert torch.equal(routed(x, tt), model(x, tt))
     assert routed.retraces == 1     # one trace for the other branch, then both cached
+    described = routed.specialisations
+    assert len(described) == 3      # train and eval at route(), the other branch in eval
+    assert all(d["argument 't'"][1] == (2,) for d in described)
 
 
 class ModuleBranch(nn.Module):

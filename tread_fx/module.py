@@ -211,6 +211,19 @@ class TreadGraphModule(fx.GraphModule):
 
     # -- inspection ---------------------------------------------------------------------
     @property
+    def specialisations(self) -> list[dict[str, Any]]:
+        """What each cached graph was traced for, one dict per graph: the training flags
+        (root first, then the modules traced through), and for graphs traced on examples
+        each argument's (shape, dtype, device) or value (``None`` in a shape: a symbolic
+        batch dim), the autocast state and the dtypes and devices of the parameters read."""
+        guard = self.__dict__.get("_guard")
+        if guard is None:
+            return []
+        return [guard.describe(key) for key, variants in self._variants.items()
+                for _ in variants]
+
+
+    @property
     def selectors(self) -> list[nn.Module]:
         """One :class:`~tread_fx.runtime.TokenSelector` per route, in route order."""
         return [self._tread.get_submodule(f"select_{i}") for i in range(len(self._tread._modules))]
