@@ -73,11 +73,16 @@ def check_routes(routed: nn.Module, args: Sequence[Any],
                 raise
 
     selectors = list(routed._tread.children())
+    generators = [(s, {d: g.get_state() for d, g in s._generators.items()}) for s in selectors]
     with frozen_state(routed):
         routed.train()
         try:
             _Check(routed, graph=graph).run(*args)
         finally:
-            for s in selectors:
+            for s, states in generators:   # a seeded selection goes on where it was
                 s.last_indices = None
-                s._generators.clear()   # a seeded selection starts afresh at training
+                for device in list(s._generators):
+                    if device in states:
+                        s._generators[device].set_state(states[device])
+                    else:
+                        del s._generators[device]

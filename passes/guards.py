@@ -22,7 +22,7 @@ import torch
 from torch import fx, nn
 
 from .token_axes import _value_descendants, data_flow
-from .trace import TraceError
+from .trace import TraceError, _Bound
 
 __all__ = ["Guard", "ValueGuards", "describe_difference", "freeze", "value_guards"]
 
@@ -45,8 +45,17 @@ def freeze(value: Any, free: tuple[int, ...] = ()) -> Any:
     try:
         hash(value)
     except TypeError:
-        return ("object", id(value))
+        raise TypeError(
+            f"an argument of type {type(value).__name__} cannot be compared from one call to "
+            f"the next (it is not hashable), and the traced graph depends on its value; pass "
+            f"numbers, strings, tuples, dicts of them, or tensors") from None
     return value
+
+
+def _plain(value: Any) -> bool:
+    if isinstance(value, (tuple, list)):
+        return all(_plain(v) for v in value)
+    return value is None or isinstance(value, (bool, int, float, str, torch.dtype))
 
 
 def _autocast_state() -> tuple:
@@ -76,6 +85,9 @@ class Guard:
             self.defaults[self.var_keyword] = {}
         self.names = [p.name for p in self.params]
         self.modules = [routed, *modules]      # the routed root, then traced-through modules
+        # plain attributes the traced code may have read (self.scale, self.use_skip)
+        self.attrs = [(m, name) for m in (model, *modules) for name, v in vars(m).items()
+                      if not name.startswith("_") and name != "training" and _plain(v)]
         self.tensors = list(tensors)           # (module, name) of tensors the graph reads
         self.inputs = inputs
         self.class_name = type(model).__name__
@@ -84,10 +96,11 @@ class Guard:
         self.free_dims: dict[str, tuple[int, ...]] = {}
 
     def bind(self, args: tuple, kwargs: dict) -> dict[str, Any]:
+        """``{parameter: value}`` like :func:`~tread_fx.passes.trace.bind_inputs`, fast."""
         if len(args) > len(self.positional):
             raise TypeError(f"{self.class_name}.forward takes {len(self.positional)} positional "
                             f"arguments but {len(args)} were given")
-        call = dict(zip(self.positional, args))
+        call = _Bound(zip(self.positional, args))
         for name, value in kwargs.items():
             if name in call:
                 raise TypeError(f"{self.class_name}.forward got multiple values for argument "
@@ -107,10 +120,11 @@ class Guard:
                 call[name] = self.defaults[name]
         return call
 
-    def key(self, call: dict[str, Any]) -> tuple:
+    def key(self, call: dict[str, Any] | None) -> tuple:
         modes = tuple(m.training for m in self.modules)
+        attrs = tuple(m.__dict__.get(name) for m, name in self.attrs)
         if not self.inputs:
-            return (modes,)
+            return (modes, attrs)
         tensors = []
         for module, name in self.tensors:
             t = module._parameters.get(name)
@@ -119,15 +133,20 @@ class Guard:
             if t is not None:
                 tensors.append((t.dtype, t.device))
         free = self.free_dims
-        return (modes, tuple(freeze(call[n], free.get(n, ())) for n in self.names),
-                _autocast_state(), tuple(tensors))
+        try:
+            inputs = tuple(freeze(call[n], free.get(n, ())) for n in self.names)
+        except TypeError as err:
+            raise TypeError(f"{self.class_name}: {err}") from None
+        return (modes, attrs, inputs, _autocast_state(), tuple(tensors))
 
     def describe(self, key: tuple) -> dict[str, Any]:
         """The parts of a key, named (for warnings and messages)."""
-        if len(key) == 1:
-            return {"training flags": key[0]}
-        parts = {"training flags": key[0], "autocast": key[2], "parameter dtypes": key[3]}
-        parts.update((f"argument {n!r}", v) for n, v in zip(self.names, key[1]))
+        parts = {"training flags": key[0]}
+        parts.update((f"attribute {type(m).__name__}.{n}", v)
+                     for (m, n), v in zip(self.attrs, key[1]))
+        if len(key) > 2:
+            parts.update((f"argument {n!r}", v) for n, v in zip(self.names, key[2]))
+            parts.update({"autocast": key[3], "parameter dtypes": key[4]})
         return parts
 
 

@@ -120,8 +120,12 @@ def insert_routes(graph: fx.Graph, chain: BlockChain, routes: Sequence[Route],
         axes = () if plan.axes == (0, 1) else (plan.axes,)
         x_in = hidden_input(first, chain.hidden_in[route.start])
         with graph.inserting_before(first):
-            select = graph.create_node("call_module", selector_target(i), (x_in,), {},
-                                       name=f"tread_select_{i}")
+            # what this graph's analysis decided is an argument of the select node, so
+            # graphs traced for other calls (other text lengths) share the selector safely
+            select = graph.create_node(
+                "call_module", selector_target(i), (x_in,),
+                {"fixed": plan.fixed, "shared": plan.shared_indices, "axes": plan.axes},
+                name=f"tread_select_{i}")
             gather = graph.create_node("call_function", gather_tokens, (x_in, select, *axes), {},
                                        name=f"tread_gather_{i}")
         order = {n: k for k, n in enumerate(graph.nodes)}

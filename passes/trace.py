@@ -61,6 +61,7 @@ class Traced:
         self.failures: list[str] = []   # why the front ends tried before this one failed
         # export front end: per mode, the ExportResult (dims it is valid for, check_inputs)
         self.exports: dict[str, Any] = {}
+        self.shape_dependent = False   # routes planned on the example's shapes
 
 
 class _LeafTracer(fx.Tracer):
@@ -212,9 +213,17 @@ class _ConcreteTracer(_LeafTracer):
         # into the graph (the routed module guards it).
         proxies = {k: self._proxy_tree(self.create_proxy("placeholder", k, (), {}), v)
                    for k, v in self._inputs.items() if has_tensor(v)}
+        params = inspect.signature(root_fn).parameters
+        var_kw = next((n for n, p in params.items() if p.kind is p.VAR_KEYWORD), None)
+        if any(p.kind is p.VAR_POSITIONAL for p in params.values()):
+            raise TraceError(f"{type(self.root).__name__}.forward takes *args; tracing on "
+                             f"example inputs binds arguments by name: give the model a "
+                             f"forward with named parameters")
 
         def forward(*root):
             kwargs = {k: proxies.get(k, v) for k, v in self._inputs.items()}
+            if var_kw in kwargs:   # **kwargs arrive as keywords, not as one dict
+                kwargs.update(kwargs.pop(var_kw))
             return root_fn(*root, **kwargs)
 
         return forward, [self.root] if is_module else []
@@ -333,7 +342,11 @@ def bind_inputs(model: nn.Module, example_inputs: Any) -> dict[str, Any]:
         raise ValueError(f"example_inputs do not fit {type(model).__name__}.forward"
                          f"{sig}: {err}") from None
     bound.apply_defaults()   # defaults are inputs too: the graph is made for their values
-    return dict(bound.arguments)
+    return _Bound(bound.arguments)
+
+
+class _Bound(dict):
+    """``{forward parameter: value}`` with defaults applied and ``**kwargs`` collected."""
 
 
 
@@ -373,7 +386,9 @@ def trace_modes(model: nn.Module, leaves: Iterable[nn.Module], example_inputs: A
             failures.append(str(fx_error))
     if example_inputs is None:
         raise TraceError(f"{type(model).__name__} is traced on example inputs; none given")
-    inputs = bind_inputs(model, example_inputs)
+    # a dict bound by bind_inputs already (route() binds once) is taken as it is
+    inputs = example_inputs if isinstance(example_inputs, _Bound) else \
+        bind_inputs(model, example_inputs)
     shapes = {k: shape_tree(v) for k, v in inputs.items() if has_tensor(v)}
     if front_end in (None, "export"):
         try:
@@ -425,6 +440,7 @@ def _trace(model: nn.Module, make_tracer, modes: Mapping[str, list[tuple[nn.Modu
            front_end: str, input_shapes: dict | None = None) -> Traced:
     before = set(vars(model))
     graphs, conversions, traced_through = {}, {}, {}
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
     try:
         with preserved_modes(model), torch.random.fork_rng(devices=[]):
             for mode, flags in modes.items():
@@ -443,6 +459,9 @@ def _trace(model: nn.Module, make_tracer, modes: Mapping[str, list[tuple[nn.Modu
                 traced_through.update(tracer.traced_through)
     finally:
         added = {k: model.__dict__.pop(k) for k in set(vars(model)) - before}
+        with torch.no_grad():   # tracing on real values ran BatchNorm & co in train mode
+            for b, saved in buffers:
+                b.copy_(saved)
     for graph in graphs.values():
         for node in graph.nodes:
             node.meta.pop(_VALUE, None)

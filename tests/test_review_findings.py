@@ -659,3 +659,195 @@ def test_chain_does_not_run_from_text_refiner_into_main_blocks():
     assert routed.block_chain == tuple(f"blocks.{i}" for i in range(4))
     seen = _seen_by(list(model.blocks), lambda: routed(*inputs))
     assert [seen[i].shape[1] for i in range(4)] == [10, 5, 5, 10]
+
+
+# -- second review: cached graphs, copies and what a graph depends on -----------------------
+
+def _text_rows_dropped(routed, inputs, text, steps=10):
+    """How often a text row (rows 0..text-1) was left out of the kept tokens."""
+    dropped = 0
+    for _ in range(steps):
+        routed(*inputs)
+        kept = routed.selectors[0].last_indices
+        dropped += int((~torch.isin(torch.arange(text), kept[0])).sum())
+    return dropped
+
+
+@pytest.mark.parametrize("front_end", ["fx", "concrete", "export"])
+def test_other_text_length_keeps_every_text_row(front_end):
+    model = InContext()
+    x = torch.randn(2, 16, 4)
+    routed = tread_fx.route(model, "1:2@0.5", example_inputs=(x, torch.randn(2, 4, 12)),
+                            front_end=front_end).train()
+    long_text = (x, torch.randn(2, 8, 12))
+    assert _text_rows_dropped(routed, long_text, 8) == 0
+    assert routed.selectors[0].last_indices.shape[1] == 8 + 8
+    # back to the first text length: the first graph's own decisions, not the last trace's
+    assert _text_rows_dropped(routed, (x, torch.randn(2, 4, 12)), 4) == 0
+    assert routed.selectors[0].last_indices.shape[1] == 4 + 8
+
+
+class _Branchy(InContext):
+    def forward(self, x, context):
+        h = torch.cat([self.txt(context), self.img(x)], dim=1)
+        if context.shape[1] > 6:            # a shape branch: not fx-traceable
+            h = h * 2
+        for b in self.blocks:
+            h = b(h)
+        return h[:, context.shape[1]:]
+
+
+def test_deepcopy_keeps_the_guards_and_traces_its_own_model():
+    import copy
+    model = _Branchy().eval()
+    x = torch.randn(2, 16, 4)
+    routed = tread_fx.route(model, "1:2@0.5", example_inputs=(x, torch.randn(2, 8, 12)))
+    ema = copy.deepcopy(routed).eval()
+    with torch.no_grad():
+        for p in ema.parameters():
+            p.add_(1.0)                      # the copy's weights are its own
+        ref = copy.deepcopy(model)
+        for p in ref.parameters():
+            p.add_(1.0)
+        short = (x, torch.randn(2, 4, 12))
+        assert torch.equal(ema(*short), ref(*short))       # a re-trace, of the copy
+        assert torch.equal(routed.eval()(*short), model(*short))
+    assert ema.retraces == 1 and routed.retraces == 1
+    tread_fx.unroute(ema)
+
+
+class _Attributes(nn.Module):
+    def __init__(self, d=16, depth=4):
+        super().__init__()
+        self.proj = nn.Linear(4, d)
+        self.blocks = nn.ModuleList(_Attn(d) for _ in range(depth))
+        self.out_scale = 1.0
+        self.use_skip = False
+
+    def forward(self, x):
+        h0 = h = self.proj(x)
+        for b in self.blocks:
+            h = b(h)
+        if self.use_skip:
+            h = h + h0
+        return h * self.out_scale
+
+
+def test_plain_attributes_read_by_forward_are_guarded():
+    model = _Attributes().eval()
+    x = torch.randn(2, 8, 4)
+    routed = tread_fx.route(model, "1:2@0.5", example_inputs=(x,)).eval()
+    model.out_scale, model.use_skip = 0.5, True
+    with torch.no_grad():
+        assert torch.equal(routed(x), model(x))
+    assert routed.retraces == 1
+
+
+class _WithNorm(nn.Module):
+    def __init__(self, d=16, depth=4):
+        super().__init__()
+        self.proj = nn.Linear(4, d)
+        self.bn = nn.BatchNorm1d(8)
+        self.blocks = nn.ModuleList(_Attn(d) for _ in range(depth))
+
+    def forward(self, x):
+        if x.ndim != 3:
+            raise ValueError
+        h = self.bn(self.proj(x))
+        for b in self.blocks:
+            h = b(h)
+        return h
+
+
+def test_tracing_on_examples_leaves_buffers_as_they_were():
+    model = _WithNorm().train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    routed = tread_fx.route(model, "1:2@0.5", example_inputs=(torch.randn(2, 8, 4),),
+                            front_end="concrete")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    routed(torch.randn(3, 8, 4))            # one training call, with a re-trace
+    assert int(model.bn.num_batches_tracked) == 1
+
+
+class _Kwargs(nn.Module):
+    def __init__(self, d=16, depth=4):
+        super().__init__()
+        self.proj = nn.Linear(4, d)
+        self.blocks = nn.ModuleList(_Attn(d) for _ in range(depth))
+
+    def forward(self, x, **kwargs):
+        if x.ndim != 3:
+            raise ValueError
+        h = self.proj(x)
+        if "cond" in kwargs:
+            h = h + kwargs["cond"][:, None]
+        h = h * kwargs.get("scale", 1.0)
+        for b in self.blocks:
+            h = b(h)
+        return h
+
+
+def test_var_keyword_arguments_reach_the_forward():
+    model = _Kwargs().eval()
+    x, c = torch.randn(2, 8, 4), torch.randn(2, 16)
+    routed = tread_fx.route(model, "1:2@0.5", example_inputs={"x": x, "scale": 2.0}).eval()
+    with torch.no_grad():
+        assert torch.equal(routed(x, scale=2.0), model(x, scale=2.0))
+        assert torch.equal(routed(x, cond=c), model(x, cond=c))
+
+
+def test_seeded_selection_goes_on_across_a_retrace():
+    model = tiny_dit(depth=4)
+    kw = dict(seed=3, example_inputs=dit_inputs(), front_end="concrete")
+    routed = tread_fx.route(model, "1:2@0.5", **kw).train()
+    fresh = tread_fx.route(model, "1:2@0.5", **kw).train()
+    for _ in range(3):
+        routed(*dit_inputs())
+    bigger = dit_inputs(batch=3)
+    routed(*bigger)                         # a re-trace (and its safety check), then a draw
+    fresh(*bigger)                          # the seeded generator's first draw
+    assert routed.retraces == fresh.retraces == 1
+    assert not torch.equal(routed.selectors[0].last_indices, fresh.selectors[0].last_indices)
+
+
+def test_unhashable_arguments_are_refused_not_keyed_by_identity():
+    from types import SimpleNamespace
+
+    class Opts(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList(_Attn(8) for _ in range(4))
+
+        def forward(self, x, opts):
+            if x.ndim != 3:
+                raise ValueError
+            for b in self.blocks:
+                x = b(x)
+            return x * opts.scale
+
+    with pytest.raises(TypeError, match="SimpleNamespace cannot be compared"):
+        tread_fx.route(Opts(), "1:2@0.5",
+                       example_inputs=(torch.randn(2, 6, 8), SimpleNamespace(scale=2.0)))
+
+
+def test_parameter_dtype_read_through_python_is_guarded():
+    class Casts(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(4, 8)
+            self.blocks = nn.ModuleList(_Attn(8) for _ in range(4))
+
+        def forward(self, x):
+            if x.ndim != 3:
+                raise ValueError
+            x = self.proj(x.to(self.proj.weight.dtype))   # like diffusers' self.dtype
+            for b in self.blocks:
+                x = b(x)
+            return x
+
+    model = Casts().eval()
+    x = torch.randn(2, 6, 4)
+    routed = tread_fx.route(model, "1:2@0.5", example_inputs=(x,)).eval()
+    routed.double()
+    with torch.no_grad():
+        assert torch.equal(routed(x), model(x))

@@ -17,7 +17,7 @@ from tread_fx.passes.remove_routes import remove_routes
 from tread_fx.passes.check_routes import check_routes
 from tread_fx.passes.token_axes import plan_routes, probe_block_io, probe_shapes
 from tread_fx.passes.guards import Guard, module_tensors, value_guards
-from tread_fx.passes.trace import (Traced, bind_inputs, frozen_state, mode_flags,
+from tread_fx.passes.trace import (Traced, _Bound, bind_inputs, frozen_state, mode_flags,
                                    trace_modes)
 
 from .module import TreadGraphModule
@@ -140,6 +140,8 @@ def _bind_example(model: nn.Module, example_inputs: Any) -> dict[str, Any]:
     if not isinstance(example_inputs, (Mapping, Sequence, torch.Tensor)):
         raise TypeError("example_inputs must be a tuple of positional arguments or a dict of "
                         f"keyword arguments, got {type(example_inputs).__name__}")
+    if isinstance(example_inputs, _Bound):   # bound already (a routed module's example)
+        return example_inputs
     return bind_inputs(model, example_inputs)
 
 
@@ -173,10 +175,13 @@ def _route_graphs(model: nn.Module, spec: RouteSpec, traced: Traced, chain: Bloc
             inside = set().union(*(p.inside for p in plans))
             for meta in insert_routes(g, chain, spec.routes, plans):
                 i = meta["route_index"]
-                selector = selectors.setdefault(f"select_{i}", TokenSelector(
-                    i, meta["route"], meta["blocks"], spec.keep_order, spec.seed))
-                selector.fixed, selector.axes = meta["fixed"], meta["axes"]
-                selector.shared = meta["shared"]
+                if f"select_{i}" not in selectors:   # the first graph's decisions, to show
+                    selector = selectors[f"select_{i}"] = TokenSelector(
+                        i, meta["route"], meta["blocks"], spec.keep_order, spec.seed)
+                    selector.fixed, selector.axes = meta["fixed"], meta["axes"]
+                    selector.shared = meta["shared"]
+            traced.shape_dependent |= any(p.fixed != (0, 0) or any(s.offset for s in p.side)
+                                          for p in plans)
         guards = value_guards(g, traced.conversions.get(mode, ()))
         built[mode] = (g, args, inside, shapes, guards)
     return built, constants
@@ -186,8 +191,14 @@ def _guard_for(model: nn.Module, routed: TreadGraphModule, traced: Traced) -> Gu
     if traced.front_end == "user":
         return None
     tensors = module_tensors(next(iter(traced.graphs.values())), model)
+    first = next(iter(model.named_parameters()), None)   # what `self.dtype` reads
+    if first is not None:
+        owner, _, name = first[0].rpartition(".")
+        tensors.append((model.get_submodule(owner), name))
+    # an fx graph serves any input unless its routes were planned on the example's shapes
+    # (never-routed rows, joint-table offsets: counts of another stream's tokens)
     return Guard(model, routed, traced.traced_modules, tensors,
-                 inputs=traced.front_end != "fx")
+                 inputs=traced.front_end != "fx" or traced.shape_dependent)
 
 
 def _modes_key(guard: Guard, flags: list[tuple[nn.Module, bool]], root_flag: bool) -> tuple:

@@ -145,7 +145,7 @@ class TreadGraphModule(fx.GraphModule):
         self.__dict__["_guard"] = guard
         self.__dict__["_variants"] = OrderedDict()
         self.__dict__["retraces"] = 0
-        if example is not None and self.front_end != "fx":
+        if example is not None:
             self._tread_example = example
 
     def _add_variant(self, graph: fx.Graph, mode: str, guards, key: tuple | None,
@@ -161,12 +161,8 @@ class TreadGraphModule(fx.GraphModule):
         names = None if not guard.inputs else [
             n.target for n in graph.nodes if n.op == "placeholder"]
         variant = Variant(forward, names, guards, graph, check)
-        if key is None:
-            key = guard.key(call) if guard.inputs else guard.key(None)
-        elif guard.inputs:
-            key = (key, *guard.key(call)[1:])
-        else:
-            key = (key,)
+        full = guard.key(call if guard.inputs else None)
+        key = full if key is None else (key, *full[1:])
         self._variants.setdefault(key, []).append(variant)
         while sum(len(v) for v in self._variants.values()) > MAX_VARIANTS:
             oldest = next(iter(self._variants))
@@ -258,12 +254,30 @@ class TreadGraphModule(fx.GraphModule):
             None if self._eval_graph is None else copy.deepcopy(self._eval_graph, memo),
             dict(tread._modules), type(self).__name__)
         memo[id(self)] = res
+        self._copy_specialisation_to(res, memo)
         return self._copy_extras_to(res)
 
     def __copy__(self) -> "TreadGraphModule":
         res = TreadGraphModule(self, self.graph, self._eval_graph, dict(self._tread._modules),
                                type(self).__name__)
+        self._copy_specialisation_to(res, None)
         return self._copy_extras_to(res)
+
+    def _copy_specialisation_to(self, res: "TreadGraphModule", memo: dict | None) -> None:
+        """The copy keeps the cached graphs and their guards, keyed on its own modules; a
+        deep copy traces (when it must) a copy of the model made of its own modules."""
+        model = self.__dict__.get("_tread_model")
+        if model is None:
+            return
+        guard = self._guard
+        if memo is not None:
+            model, guard = copy.deepcopy(model, memo), copy.deepcopy(guard, memo)
+        elif guard is not None:
+            guard = copy.copy(guard)
+            guard.modules = [res, *guard.modules[1:]]
+        res.__dict__.update(_tread_model=model, _guard=guard, retraces=self.retraces,
+                            _variants=OrderedDict((k, list(v))
+                                                  for k, v in self._variants.items()))
 
     def _replicate_for_data_parallel(self) -> "TreadGraphModule":
         # Like nn.Module's: the replica gets its own dicts, which replicate() fills.

@@ -281,15 +281,21 @@ class TokenSelector(nn.Module):
             self._generators[device] = gen
         return gen
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor | None:
+    def forward(self, x: torch.Tensor, fixed: tuple[int, int] | None = None,
+                shared: bool | None = None,
+                axes: tuple[int, int] | None = None) -> torch.Tensor | None:
+        """Kept indices for ``x``; ``fixed``, ``shared`` and ``axes`` are what the calling
+        graph's analysis decided (default: the selector's own, from ``route()``)."""
         active = self.training if self.force_active is None else self.force_active
         if not active:
             self.last_indices = None
             return None
+        fixed = self.fixed if fixed is None else fixed
+        shared = self.shared if shared is None else shared
+        axes = self.axes if axes is None else axes
         indices = select_tokens(x, self.selection_ratio, self.keep_order,
-                                self._generator(x.device), self.label, self.fixed, self.shared,
-                                self.axes)
-        num_tokens = x.shape[self.axes[1]]
+                                self._generator(x.device), self.label, fixed, shared, axes)
+        num_tokens = x.shape[axes[1]]
         if not torch.compiler.is_exporting():   # export keeps no module state
             self.last_indices, self.last_num_tokens = indices, num_tokens
         if indices.shape[1] == num_tokens and self.keep_order:
