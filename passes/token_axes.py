@@ -381,13 +381,46 @@ def _value_descendants(sources: Sequence[fx.Node]) -> set[fx.Node]:
     return seen
 
 
-def _image_inputs(graph: fx.Graph, chain_input: fx.Node) -> list[fx.Node]:
+_REDUCTIONS = {"mean", "sum", "amax", "amin", "max", "min", "std", "var", "norm", "prod",
+               "logsumexp", "median", "nanmean", "nansum"}
+_ATTENTION = {"scaled_dot_product_attention", "_scaled_dot_product_flash_attention_for_cpu",
+              "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention"}
+
+
+def _op_name(node: fx.Node) -> str:
+    if node.op == "call_method":
+        return node.target
+    if node.op == "call_function":
+        return getattr(node.target, "__name__", "").split(".")[0]
+    return ""
+
+
+def _image_rows_of(sources: Sequence[fx.Node]) -> set[fx.Node]:
+    """Values whose rows are computed from the image input's tokens.
+
+    Like :func:`_value_descendants`, but a reduction (``img.mean(1)`` folded into a class
+    token) makes a value of its own, and an attention output has the rows of its query
+    (text refined by attending to the image is still text)."""
+    seen, todo = set(sources), list(sources)
+    while todo:
+        node = todo.pop()
+        for user in node.users:
+            if user in seen or _is_metadata(user) or _op_name(user) in _REDUCTIONS:
+                continue
+            if _op_name(user) in _ATTENTION and (user.args[:1] or [None])[0] is not node:
+                continue
+            seen.add(user)
+            todo.append(user)
+    return seen
+
+
+def _image_inputs(graph: fx.Graph, chain_input: fx.Node) -> tuple[list[fx.Node], bool]:
     """The forward's image input: the placeholder (of those that reach the blocks) named
-    like one, else the first."""
+    like one, else the first; and whether it was found by its name (or is the only one)."""
     upstream = nx.ancestors(data_flow(graph), chain_input) | {chain_input}
     places = [n for n in graph.nodes if n.op == "placeholder" and n in upstream]
     named = [n for n in places if n.target.lstrip("*") in IMAGE_NAMES]
-    return named[:1] or places[:1]
+    return (named[:1] or places[:1]), bool(named) or len(places) <= 1
 
 
 _CATS = (torch.cat, torch.concat, torch.ops.aten.cat.default)
@@ -421,7 +454,8 @@ def fixed_rows(graph: fx.Graph, chain_input: fx.Node, shapes: Mapping | None,
                 return None
             todo.extend(i for i in node.all_input_nodes if not _is_metadata(i))
         return (0, 0)
-    image = _value_descendants(_image_inputs(graph, chain_input))
+    image_inputs, sure = _image_inputs(graph, chain_input)
+    image = _image_rows_of(image_inputs)
     rank = len(shapes[chain_input])
     memo: dict[fx.Node, Any] = {}
 
@@ -466,6 +500,14 @@ def fixed_rows(graph: fx.Graph, chain_input: fx.Node, shapes: Mapping | None,
     layout = rows(chain_input) or [(shapes[chain_input][token_axis], True)]
     if len(layout) == 1:
         return (0, 0)
+    if not sure:
+        names = [n.target for n in graph.nodes if n.op == "placeholder"
+                 and n in nx.ancestors(data_flow(graph), chain_input)]
+        raise TokenAxisError(
+            f"the blocks' input {chain_input.name!r} concatenates rows computed from several "
+            f"forward arguments ({names}) and none is named like the image input "
+            f"({', '.join(IMAGE_NAMES[:4])}, ...), so which rows may be routed is unknown; "
+            f"pass prefix_tokens=<count of leading rows to keep> to route()")
     runs = [i for i, (_, is_image) in enumerate(layout) if is_image]
     if len(runs) != 1:
         parts = " + ".join(f"{n} {'image' if im else 'other'}" for n, im in layout)

@@ -851,3 +851,70 @@ def test_parameter_dtype_read_through_python_is_guarded():
     routed.double()
     with torch.no_grad():
         assert torch.equal(routed(x), model(x))
+
+
+class _ClsFromImage(nn.Module):
+    """A class token initialised from the mean image token."""
+
+    def __init__(self, d=16, depth=4):
+        super().__init__()
+        self.img = nn.Linear(4, d)
+        self.cls = nn.Parameter(torch.randn(1, 1, d))
+        self.blocks = nn.ModuleList(_Attn(d) for _ in range(depth))
+
+    def forward(self, x):
+        img = self.img(x)
+        h = torch.cat([self.cls + img.mean(1, keepdim=True), img], dim=1)
+        for b in self.blocks:
+            h = b(h)
+        return h[:, 1:]
+
+
+class _TextRefinedByImage(nn.Module):
+    """Text refined by attending to the image before both are concatenated."""
+
+    def __init__(self, d=16, depth=4):
+        super().__init__()
+        self.txt = nn.Linear(12, d)
+        self.img = nn.Linear(4, d)
+        self.blocks = nn.ModuleList(_Attn(d) for _ in range(depth))
+
+    def forward(self, x, context):
+        img, ctx = self.img(x), self.txt(context)
+        ctx = ctx + F.scaled_dot_product_attention(ctx, img, img)
+        h = torch.cat([ctx, img], dim=1)
+        for b in self.blocks:
+            h = b(h)
+        return h[:, context.shape[1]:]
+
+
+class _TextFirstArgument(nn.Module):
+    def __init__(self, d=16, depth=4):
+        super().__init__()
+        self.txt = nn.Linear(12, d)
+        self.img = nn.Linear(4, d)
+        self.blocks = nn.ModuleList(_Attn(d) for _ in range(depth))
+
+    def forward(self, prompt_embeds, noisy):
+        h = torch.cat([self.txt(prompt_embeds), self.img(noisy)], dim=1)
+        for b in self.blocks:
+            h = b(h)
+        return h[:, prompt_embeds.shape[1]:]
+
+
+@pytest.mark.parametrize("model, inputs, text", [
+    (_ClsFromImage, (torch.randn(2, 8, 4),), 1),
+    (_TextRefinedByImage, (torch.randn(2, 8, 4), torch.randn(2, 5, 12)), 5),
+])
+def test_rows_built_from_image_values_are_not_image_tokens(model, inputs, text):
+    routed = tread_fx.route(model(), "1:2@0.5", example_inputs=inputs).train()
+    assert _text_rows_dropped(routed, inputs, text, steps=20) == 0
+
+
+def test_unknown_image_argument_is_refused_not_guessed():
+    inputs = (torch.randn(2, 5, 12), torch.randn(2, 8, 4))
+    with pytest.raises(tread_fx.TokenAxisError, match="prefix_tokens"):
+        tread_fx.route(_TextFirstArgument(), "1:2@0.5", example_inputs=inputs)
+    routed = tread_fx.route(_TextFirstArgument(), "1:2@0.5", example_inputs=inputs,
+                            prefix_tokens=5).train()
+    assert _text_rows_dropped(routed, inputs, 5) == 0
