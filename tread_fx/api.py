@@ -13,7 +13,6 @@ from torch import fx, nn
 from tread_fx.passes.find_blocks import (BlockChain, NoBlocksFound, find_block_chain,
                                          find_candidates)
 from tread_fx.passes.insert_routes import insert_routes
-from tread_fx.passes.remove_routes import remove_routes
 from tread_fx.passes.check_routes import check_routes
 from tread_fx.passes.token_axes import plan_routes, probe_block_io, probe_shapes
 from tread_fx.passes.guards import Guard, module_tensors, value_guards
@@ -59,16 +58,6 @@ def _check_chain(chain: BlockChain, groups, graphs: dict[str, fx.Graph], hidden,
                 f"calls {eval_chain.targets}; Python-level randomness or mode checks around "
                 f"the block calls (e.g. LayerDrop) cannot be routed. Move them into the blocks"
             )
-
-
-def _dense_graphs(routed: TreadGraphModule) -> dict[str, fx.Graph]:
-    """Copies of a routed module's graphs with the routes taken out."""
-    graphs = {"train": copy.deepcopy(routed.graph)}
-    if routed._eval_graph is not None:
-        graphs["eval"] = copy.deepcopy(routed._eval_graph)
-    for g in graphs.values():
-        remove_routes(g)
-    return graphs
 
 
 def _require_routed(routed: nn.Module, caller: str) -> TreadGraphModule:
