@@ -58,6 +58,13 @@ def _plain(value: Any) -> bool:
     return value is None or isinstance(value, (bool, int, float, str, torch.dtype))
 
 
+def _as_key(value: Any) -> Any:
+    """A plain attribute as a hashable value (lists become tuples)."""
+    if isinstance(value, (list, tuple)):
+        return tuple(_as_key(v) for v in value)
+    return value
+
+
 def _autocast_state() -> tuple:
     return tuple((device, torch.get_autocast_dtype(device)) for device in ("cpu", "cuda")
                  if torch.is_autocast_enabled(device))
@@ -122,7 +129,7 @@ class Guard:
 
     def key(self, call: dict[str, Any] | None) -> tuple:
         modes = tuple(m.training for m in self.modules)
-        attrs = tuple(m.__dict__.get(name) for m, name in self.attrs)
+        attrs = tuple(_as_key(m.__dict__.get(name)) for m, name in self.attrs)
         if not self.inputs:
             return (modes, attrs)
         tensors = []

@@ -723,6 +723,7 @@ class _Attributes(nn.Module):
         self.blocks = nn.ModuleList(_Attn(d) for _ in range(depth))
         self.out_scale = 1.0
         self.use_skip = False
+        self.axes_dims = [4, 6, 6]          # a list attribute (diffusers RoPE configs)
 
     def forward(self, x):
         h0 = h = self.proj(x)
