@@ -578,18 +578,18 @@ class _Outliner:
                 if not region:
                     continue            # never called (a ModuleDict, or a leaf not run)
                 raise ExportError(f"no call signature was preserved for {entry.fqn}")
-            ins = [by_name.get(a.name) if not isinstance(a, ConstantArgument) else None
-                   for a in sig.inputs]
-            if any(a is None and not isinstance(s, ConstantArgument)
-                   for a, s in zip(ins, sig.inputs)):
-                raise ExportError(f"{entry.fqn}: an input of its call is not in the top-level "
-                                  f"graph (called inside an autocast/no_grad region?)")
-            outs = [by_name.get(a.name) if not isinstance(a, ConstantArgument) else None
-                    for a in sig.outputs]
-            if any(o is None and not isinstance(s, ConstantArgument)
-                   for o, s in zip(outs, sig.outputs)):
-                raise ExportError(f"{entry.fqn}: an output of its call is not in the top-level "
-                                  f"graph")
+            def nodes_of(specs, what):
+                """The top-level nodes of a call's inputs or outputs (None: a constant)."""
+                found = [None if isinstance(a, ConstantArgument) else by_name.get(a.name)
+                         for a in specs]
+                if any(n is None and not isinstance(a, ConstantArgument)
+                       for n, a in zip(found, specs)):
+                    raise ExportError(f"{entry.fqn}: an {what} of its call is not in the "
+                                      f"top-level graph (called inside an autocast/no_grad "
+                                      f"region?)")
+                return found
+            ins = nodes_of(sig.inputs, "input")
+            outs = nodes_of(sig.outputs, "output")
             if region:
                 pos = index[region[0]]
             else:
