@@ -27,14 +27,14 @@ def dit_inputs(batch: int = 2, input_size: int = 8, num_classes: int = 10, seed:
     return x, t, y
 
 
-def block_token_counts(model: nn.Module, blocks, run) -> list[int]:
-    """Token count each block sees during ``run()``, observed with forward pre-hooks."""
-    seen: list[int] = [None] * len(blocks)
+def block_inputs(blocks, run) -> dict:
+    """The hidden-state tensor each block receives during ``run()`` (forward pre-hooks)."""
+    seen = {}
     handles = []
     for i, blk in enumerate(blocks):
         def hook(mod, args, kwargs, i=i):
-            hidden = args[0] if args else kwargs.get("x", kwargs.get("hidden_states"))
-            seen[i] = hidden.shape[1]
+            seen[i] = args[0] if args else kwargs.get(
+                "x", kwargs.get("hidden_states", next(iter(kwargs.values()))))
         handles.append(blk.register_forward_pre_hook(hook, with_kwargs=True))
     try:
         run()
@@ -42,3 +42,9 @@ def block_token_counts(model: nn.Module, blocks, run) -> list[int]:
         for h in handles:
             h.remove()
     return seen
+
+
+def block_token_counts(model: nn.Module, blocks, run) -> list[int]:
+    """Token count each block sees during ``run()``, observed with forward pre-hooks."""
+    seen = block_inputs(blocks, run)
+    return [seen[i].shape[1] if i in seen else None for i in range(len(blocks))]

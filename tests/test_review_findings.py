@@ -16,21 +16,7 @@ import torch.nn.functional as F
 import tread_fx
 from tread_fx.models.vit import ViT
 
-from conftest import dit_inputs, perturb_, tiny_dit
-
-
-def _seen_by(blocks, run):
-    """The hidden input each block receives during ``run()`` (forward pre-hooks)."""
-    seen = {}
-    handles = [b.register_forward_pre_hook(
-        lambda m, a, kw, i=i: seen.__setitem__(i, a[0] if a else next(iter(kw.values()))),
-        with_kwargs=True) for i, b in enumerate(blocks)]
-    try:
-        run()
-    finally:
-        for h in handles:
-            h.remove()
-    return seen
+from conftest import block_inputs as _seen_by, dit_inputs, perturb_, tiny_dit
 
 
 class TimmViT(ViT):
@@ -889,18 +875,11 @@ class _TextRefinedByImage(nn.Module):
         return h[:, context.shape[1]:]
 
 
-class _TextFirstArgument(nn.Module):
-    def __init__(self, d=16, depth=4):
-        super().__init__()
-        self.txt = nn.Linear(12, d)
-        self.img = nn.Linear(4, d)
-        self.blocks = nn.ModuleList(_Attn(d) for _ in range(depth))
+class _TextFirstArgument(InContext):
+    """InContext with arguments named so that neither says which one is the image."""
 
     def forward(self, prompt_embeds, noisy):
-        h = torch.cat([self.txt(prompt_embeds), self.img(noisy)], dim=1)
-        for b in self.blocks:
-            h = b(h)
-        return h[:, prompt_embeds.shape[1]:]
+        return super().forward(noisy, prompt_embeds)
 
 
 @pytest.mark.parametrize("model, inputs, text", [
