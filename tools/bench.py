@@ -5,7 +5,9 @@
 
 The two models step alternately in one process (dense, routed, routed, dense, ...), so load
 on a shared machine hits both alike; the medians are compared.  FLOPs are counted for one
-forward + backward with ``torch.utils.flop_counter``.
+forward + backward with ``torch.utils.flop_counter``.  Bad flags are reported as one
+``tread-fx bench: error: ...`` line (exit status 2) before a model is built; a status line on
+stderr announces each phase and each timed step (``--no-progress`` turns them off).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 
 import torch
@@ -20,8 +23,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import tread_fx
 from tread_fx.models import DiT_models
+from tread_fx.spec import kept_count, parse_spec
 
-__all__ = ["add_arguments", "run"]
+from .errors import UsageError
+
+__all__ = ["add_arguments", "check_arguments", "main", "run"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -35,6 +41,33 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--no-progress", action="store_true", help="no status lines on stderr")
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Every flag, and the routes against the model's depth and token count, without
+    building the model (its shapes come from a copy on the meta device)."""
+    for flag, value, low in (("--batch", args.batch, 1), ("--steps", args.steps, 1),
+                             ("--warmup", args.warmup, 0), ("--input-size", args.input_size, 1)):
+        if value < low:
+            raise UsageError(f"{flag} must be >= {low}; got {value}")
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads must be >= 1; got {args.threads}")
+    try:
+        with torch.device("meta"):
+            meta = DiT_models[args.model](input_size=args.input_size, num_classes=1000)
+    except ValueError as e:
+        raise UsageError(f"--input-size {args.input_size}: {e}; choose a multiple of "
+                         f"{args.model}'s patch size") from None
+    depth, tokens = len(meta.blocks), meta.x_embedder.num_patches
+    try:
+        spec = parse_spec(args.routes).resolve(depth, where=args.model)
+        for r in spec.routes:
+            kept_count(tokens, r.selection_ratio, f"route {r}")
+    except (ValueError, TypeError) as e:
+        raise UsageError(f"--routes {args.routes}: {e}; {args.model} at --input-size "
+                         f"{args.input_size} has blocks 0..{depth - 1} and {tokens} tokens "
+                         f"(a route such as 2:{min(8, depth - 1)}@0.5)") from None
 
 
 def _step(model, opt, batch):
@@ -56,8 +89,18 @@ def _flops(model, batch) -> int:
 
 
 def run(args: argparse.Namespace) -> dict:
+    """Time ``--steps`` alternating train steps of both models; returns the result dict."""
+    check_arguments(args)
+    quiet = getattr(args, "no_progress", False)
+
+    def status(message: str) -> None:
+        if not quiet:
+            print(message, file=sys.stderr, flush=True)
+
     if args.threads:
         torch.set_num_threads(args.threads)
+    status(f"building {args.model} at --input-size {args.input_size} and routing it "
+           f"({args.routes}) ...")
     torch.manual_seed(args.seed)
     dense = DiT_models[args.model](input_size=args.input_size, num_classes=1000)
     twin = DiT_models[args.model](input_size=args.input_size, num_classes=1000)
@@ -71,18 +114,27 @@ def run(args: argparse.Namespace) -> dict:
              torch.randint(0, 1000, (args.batch,), generator=gen),
              torch.randn(args.batch, c, args.input_size, args.input_size, generator=gen))
     tokens = dense.x_embedder.num_patches
+    status("counting the FLOPs of one forward + backward of each ...")
     flops = {"dense": _flops(dense, batch), "routed": _flops(routed, batch)}
     models = {"dense": (dense, torch.optim.AdamW(dense.parameters(), lr=1e-4)),
               "routed": (routed, torch.optim.AdamW(routed.parameters(), lr=1e-4))}
     times = {"dense": [], "routed": []}
-    for i in range(args.warmup + args.steps):
+    total = args.warmup + args.steps
+    status(f"timing {args.steps} train steps of each model, alternating, after "
+           f"{args.warmup} warm-up steps ...")
+    for i in range(total):
         order = ("dense", "routed") if i % 2 == 0 else ("routed", "dense")
+        took = {}
         for name in order:
             model, opt = models[name]
             start = time.perf_counter()
             _step(model, opt, batch)
+            took[name] = time.perf_counter() - start
             if i >= args.warmup:
-                times[name].append(time.perf_counter() - start)
+                times[name].append(took[name])
+        what = (f"warm-up {i + 1}/{args.warmup}" if i < args.warmup
+                else f"step {i + 1 - args.warmup}/{args.steps}")
+        status(f"  {what}: dense {took['dense']:.3f} s, routed {took['routed']:.3f} s")
     med = {k: statistics.median(v) for k, v in times.items()}
     flop_ratio = flops["routed"] / flops["dense"]
     predicted = 1 / flop_ratio
@@ -112,6 +164,8 @@ def report(r: dict) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
+    """``tread-fx bench``; a :class:`~tread_fx.tools.errors.UsageError` propagates to
+    ``tread_fx.tools.cli.main``, which prints it as one line."""
     result = run(args)
     print(json.dumps(result) if args.json else report(result))
     return 0

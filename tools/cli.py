@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
+from typing import Callable
+
+from .errors import UsageError
 
 __all__ = ["main"]
+
+#: Packages of the ``train`` extra that ``train`` and ``convergence`` import.
+_TRAIN_EXTRA = ("PIL", "matplotlib", "mlxtend", "tqdm")
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -30,6 +37,23 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _command(name: str) -> Callable[[argparse.Namespace], int]:
+    """``main`` of the module ``name``, imported when the command runs: the ``train`` and
+    ``convergence`` modules need the ``train`` extra, which the other commands do not."""
+
+    def run(args: argparse.Namespace) -> int:
+        try:
+            module = importlib.import_module(f"{__package__}.{name}")
+        except ModuleNotFoundError as e:
+            if (e.name or "").split(".")[0] not in _TRAIN_EXTRA:
+                raise
+            raise UsageError(f"needs {e.name.split('.')[0]}, which the train extra installs: "
+                             f"pip install 'tread-fx[train]'") from None
+        return module.main(args)
+
+    return run
+
+
 def build_parser() -> argparse.ArgumentParser:
     from tread_fx.models import DiT_models
 
@@ -51,25 +75,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--code", action="store_true", help="print the routed train graph's code")
     p.add_argument("--dot", metavar="FILE", help="write the routed graph as Graphviz DOT")
     p.set_defaults(func=_inspect)
-    from . import convergence, train
+    from . import train_config
 
     p = sub.add_parser("train", help="train a small DiT with or without routing (default: "
                        "MNIST-5k digits, a few minutes on a CPU)",
-                       description=train.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    train.add_arguments(p)
-    p.set_defaults(func=train.main)
+                       description=train_config.TRAIN_HELP,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    train_config.add_train_arguments(p)
+    p.set_defaults(func=_command("train"))
     p = sub.add_parser("convergence", help="dense vs routed held-out loss against wall-clock, "
                        "same seed, data and budget",
-                       description=convergence.__doc__,
+                       description=train_config.CONVERGENCE_HELP,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    convergence.add_arguments(p)
-    p.set_defaults(func=convergence.main)
+    train_config.add_convergence_arguments(p)
+    p.set_defaults(func=_command("convergence"))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run ``tread-fx``; bad input (a :class:`~tread_fx.tools.errors.UsageError`) is printed
+    as ``tread-fx <command>: error: <message>`` on stderr and gives exit status 2."""
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except UsageError as e:
+        message = " ".join(str(e).splitlines())
+        print(f"tread-fx {args.command}: error: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

