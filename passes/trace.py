@@ -18,6 +18,7 @@ Two front ends produce the same kind of graph:
 
 from __future__ import annotations
 
+import functools
 import inspect
 import linecache
 import operator
@@ -169,11 +170,48 @@ class _Concrete:
     def __getattr__(self, name: str):
         if name in _CONCRETE_ATTRS:
             return getattr(self.concrete, name)
+        if name.startswith("__") and name.endswith("__"):
+            # protocol probes (``__cuda_array_interface__``, ``__array__``) are not
+            # attributes of the traced value
+            raise AttributeError(name)
         return _ConcreteAttribute(self, name)
 
 
+def assign_index(tensor: torch.Tensor, index: Any, value: Any) -> torch.Tensor:
+    """``tensor[index] = value`` as a function: a new tensor, ``tensor`` left as it is.
+
+    The concrete tracer records item assignment (``x[i] = y``, which fx cannot record) as
+    this call and lets later code read the result; it checks that nothing else could see
+    the in-place write (no view of ``x`` and nothing ``x`` is a view of is used after it)."""
+    out = tensor.clone()
+    out[index] = value
+    return out
+
+
+def _storage(value: Any) -> int | None:
+    if isinstance(value, torch.Tensor) and value.layout is torch.strided and \
+            value.untyped_storage().nbytes():
+        return value.untyped_storage().data_ptr()
+    return None
+
+
 class _ConcreteProxy(_Concrete, fx.Proxy):
-    pass
+    def __setitem__(self, index: Any, value: Any) -> None:
+        old = self.node
+        storage = _storage(self.concrete)
+        if storage is None:
+            raise TypeError(f"item assignment on {type(self.concrete).__name__} "
+                            f"({old.name}) cannot be traced")
+        aliases = [n for n in old.graph.nodes if n is not old and _VALUE in n.meta
+                   and _storage(n.meta[_VALUE]) == storage]
+        for n in [old] + aliases:
+            if n.op in ("placeholder", "get_attr"):
+                raise TypeError(
+                    f"{_source_line()}: writes into {'an input' if n.op == 'placeholder' else 'a parameter or buffer'} "
+                    f"({n.target}) in place; a traced graph cannot reproduce that")
+        new = self.tracer.create_proxy("call_function", assign_index, (self, index, value), {})
+        self.tracer.assignments.append((new.node, old, aliases, _source_line()))
+        self.node = new.node   # the variable now holds the written tensor
 
 
 class _ConcreteAttribute(_Concrete, fx.proxy.Attribute):
@@ -185,6 +223,60 @@ class _ConcreteAttribute(_Concrete, fx.proxy.Attribute):
         return value   # an attribute (x.shape): metadata, fixed by the shape guards
 
 
+# Functions and methods that take sizes as separate arguments (``torch.zeros(b, n)``,
+# ``t.expand(b, -1)``): torch's argument parser rejects a proxy as the first of them, so
+# while tracing they are called with the sizes packed into one tuple (which it dispatches).
+_SIZE_FUNCTIONS = ("zeros", "ones", "empty", "rand", "randn")
+_SIZE_METHODS = ("expand", "view", "reshape", "repeat", "permute", "new_zeros", "new_ones",
+                 "new_empty")
+
+
+def _packing(fn: Any, first: int) -> Any:
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        sizes = args[first:]
+        if len(sizes) > 1 and any(isinstance(a, fx.Proxy) for a in sizes) and \
+                all(isinstance(a, (int, fx.Proxy)) for a in sizes):
+            return fn(*args[:first], tuple(sizes), **kwargs)
+        return fn(*args, **kwargs)
+    return call
+
+
+def _recording_tensor(fn: Any) -> Any:
+    """``torch.tensor([n, m])`` with traced numbers in it: a node that builds the tensor."""
+    @functools.wraps(fn)
+    def call(data, *args, **kwargs):
+        proxies = [a for a in _leaves(data) if isinstance(a, fx.Proxy)]
+        if proxies:
+            return proxies[0].tracer.create_proxy("call_function", fn, (data,) + args, kwargs)
+        return fn(data, *args, **kwargs)
+    return call
+
+
+def _leaves(data: Any) -> Iterator[Any]:
+    if isinstance(data, (list, tuple)) and not isinstance(data, fx.Proxy):
+        for item in data:
+            yield from _leaves(item)
+    else:
+        yield data
+
+
+@contextmanager
+def _sizes_packed() -> Iterator[None]:
+    saved = [(torch, name, getattr(torch, name)) for name in _SIZE_FUNCTIONS] + \
+        [(torch.Tensor, name, getattr(torch.Tensor, name)) for name in _SIZE_METHODS]
+    tensor = torch.tensor
+    try:
+        for owner, name, fn in saved:
+            setattr(owner, name, _packing(fn, 1 if owner is torch.Tensor else 0))
+        torch.tensor = _recording_tensor(tensor)
+        yield
+    finally:
+        for owner, name, fn in saved:
+            setattr(owner, name, fn)
+        torch.tensor = tensor
+
+
 class _ConcreteTracer(_LeafTracer):
     """Leaf tracer whose nodes carry the values computed on the example inputs."""
 
@@ -192,6 +284,24 @@ class _ConcreteTracer(_LeafTracer):
         super().__init__(leaves)
         self._inputs = inputs
         self._computing = 0  # > 0 while real values are computed: record nothing then
+        self.assignments: list[tuple[fx.Node, fx.Node, list[fx.Node], str]] = []
+        # buffers are values too (``self.freqs[None].expand(x.shape[0], -1)`` must record
+        # the expand instead of handing a proxy size to a real tensor's method)
+        self.proxy_buffer_attributes = True
+
+    def trace(self, root, concrete_args=None) -> fx.Graph:
+        with _sizes_packed():
+            graph = super().trace(root, concrete_args)
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        for written, old, aliases, line in self.assignments:
+            for n in [old] + aliases:
+                late = [u for u in n.users if order[u] > order[written]]
+                if late:
+                    raise TypeError(
+                        f"{line}: writes in place into a tensor that {late[0].name} reads "
+                        f"afterwards through {'a view' if n is not old else 'another reference'} "
+                        f"({n.name}); the traced graph would miss the write")
+        return graph
 
     def call_module(self, m, forward, args, kwargs):
         if self._computing:
