@@ -56,9 +56,18 @@ class BlockChain:
     hidden_in: list[ArgKey]
     hidden_out: list[int | None]
     rejected: list[str] = field(default_factory=list)
+    #: Index of the first block of each segment after the first.  A segment is a run of
+    #: blocks each feeding the next directly; between segments the model works on the
+    #: stream (Flux-style models concatenate text to the image tokens before their
+    #: single-stream blocks).  A route stays inside one segment.
+    breaks: list[int] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.targets)
+
+    def segment_start(self, index: int) -> int:
+        """The index of the first block of the segment holding block ``index``."""
+        return max([0] + [b for b in self.breaks if b <= index])
 
 
 # Argument names that mark the token stream when a block passes several streams on.
@@ -230,15 +239,39 @@ def find_block_chain(graph: fx.Graph, groups: list[CandidateGroup],
             "\nIf the model has one, name its container with blocks='<path>' (e.g. "
             "blocks='blocks'); a block must take the previous block's output as an argument."
         )
-    path = components[0]
-    if len(components) > 1 and len(components[1]) == len(path):
-        names = ", ".join(f"{c[0].target}..{c[-1].target}" for c in components[:2])
+    segments = _joined(components, dag, member_of, graph)
+    path = [n for seg in segments for n in seg]
+    longest = max(len(seg) for seg in segments)
+    others = [c for c in components if c[0] not in path]
+    if others and len(others[0]) >= longest:
+        names = ", ".join(f"{c[0].target}..{c[-1].target}" for c in
+                          [max(segments, key=len), others[0]])
         raise NoBlocksFound(
-            f"found several block sequences of equal length {len(path)} ({names}); "
+            f"found several block sequences of equal length {longest} ({names}); "
             f"say which to route with blocks='<path>'"
         )
+    hidden_in: list[ArgKey] = []
+    hidden_out: list[int | None] = []
+    for seg in segments:
+        seg_in, seg_out = _stream_keys(seg, dag, member_of)
+        hidden_in += seg_in
+        hidden_out += seg_out
+    first = path[0]
+    if (isinstance(hidden_in[0], int) and hidden_in[0] >= len(first.args)) or \
+            (isinstance(hidden_in[0], str) and hidden_in[0] not in first.kwargs):
+        raise NoBlocksFound(f"block {first.target!r} does not take the hidden state as "
+                            f"argument {hidden_in[0]!r} like the blocks after it")
+    rejected += [f"{len(c)}-block sequence {c[0].target}..{c[-1].target}: shorter"
+                 for c in others if len(c) >= 2]
+    breaks = [sum(len(seg) for seg in segments[:i]) for i in range(1, len(segments))]
+    return BlockChain([n.target for n in path], hidden_in, hidden_out, rejected, breaks)
+
+
+def _stream_keys(path: list[fx.Node], dag: nx.DiGraph, member_of: dict
+                 ) -> tuple[list[ArgKey], list[int | None]]:
+    """Where each block of a directly chained ``path`` takes and returns the stream."""
     keys = [dag.edges[a, b]["key"] for a, b in zip(path, path[1:])]
-    cls_of = [member_of[n.target] for n in path]
+    cls_of = [member_of[n.target].cls for n in path]
     hidden_in: list[ArgKey] = [None] + [k[1] for k in keys]
     hidden_out: list[int | None] = [k[0] for k in keys] + [None]
     # The first block takes the stream like a later block of its kind; the last block
@@ -247,11 +280,67 @@ def find_block_chain(graph: fx.Graph, groups: list[CandidateGroup],
     hidden_in[0] = hidden_in[same_in[0]] if same_in else hidden_in[1]
     same_out = [i for i in range(len(path) - 1) if cls_of[i] is cls_of[-1]]
     hidden_out[-1] = hidden_out[same_out[-1]] if same_out else hidden_out[-2]
-    first = path[0]
-    if (isinstance(hidden_in[0], int) and hidden_in[0] >= len(first.args)) or \
-            (isinstance(hidden_in[0], str) and hidden_in[0] not in first.kwargs):
-        raise NoBlocksFound(f"block {first.target!r} does not take the hidden state as "
-                            f"argument {hidden_in[0]!r} like the blocks after it")
-    rejected += [f"{len(c)}-block sequence {c[0].target}..{c[-1].target}: shorter"
-                 for c in components[1:] if len(c) >= 2]
-    return BlockChain([n.target for n in path], hidden_in, hidden_out, rejected)
+    return hidden_in, hidden_out
+
+
+def _joined(components: list[list[fx.Node]], dag: nx.DiGraph, member_of: dict,
+            graph: fx.Graph) -> list[list[fx.Node]]:
+    """The longest sequence, with the sequences of other block kinds that continue it.
+
+    Flux-style models run double-stream blocks, then work on the stream (concatenate the
+    text tokens to it), then run single-stream blocks: two sequences of different block
+    classes where the first one's stream output is the only block output the second one's
+    stream input is computed from.  Their blocks are one sequence to the user (indices
+    run over both); a route may not cross the gap.  Sequences of the same class (a refiner
+    before the main blocks) stay apart: joining them would shift the main blocks' indices.
+    """
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    candidates = [c for c in components if len(c) >= 2]
+    segments = [candidates[0]]
+    calls = {n for c in components for n in c}
+
+    def feeds(a: list[fx.Node], b: list[fx.Node]) -> bool:
+        if {member_of[n.target].cls for n in a} & {member_of[n.target].cls for n in b}:
+            return False
+        if order[a[-1]] > order[b[0]]:
+            return False
+        a_out = _stream_keys(a, dag, member_of)[1][-1]
+        b_in = _stream_keys(b, dag, member_of)[0][0]
+        stream = b[0].args[b_in] if isinstance(b_in, int) and b_in < len(b[0].args) \
+            else b[0].kwargs.get(b_in) if isinstance(b_in, str) else None
+        if not isinstance(stream, fx.Node):
+            return False
+        reached, entries, seen, todo = set(), set(), set(), [stream]
+        while todo:
+            node = todo.pop()
+            if node in seen:
+                continue
+            seen.add(node)
+            if node in calls:
+                reached.add(node)
+                continue
+            if node.op == "call_function" and node.target is operator.getitem and \
+                    node.args[0] in calls:
+                reached.add(node.args[0])
+                entries.add(node.args[1])
+                continue
+            todo.extend(node.all_input_nodes)
+        if stream in calls:
+            entries.add(None)
+        return reached == {a[-1]} and a_out in entries
+
+    changed = True
+    while changed:
+        changed = False
+        for c in candidates:
+            if any(c is seg for seg in segments):
+                continue
+            if feeds(segments[-1], c) and not any(
+                    d is not c and feeds(segments[-1], d) for d in candidates):
+                segments.append(c)
+                changed = True
+            elif feeds(c, segments[0]) and not any(
+                    d is not c and feeds(d, segments[0]) for d in candidates):
+                segments.insert(0, c)
+                changed = True
+    return segments

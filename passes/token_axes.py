@@ -320,7 +320,7 @@ def _classify(side: SideInput, shape: Any, batch_axes: tuple[int, ...] | None, b
                  if d == tokens and i != features and i != batch_axis)
     offset = 0
     joint = [(i, d - tokens) for i, d in enumerate(shape)
-             if i != batch_axis and d - tokens in others]
+             if i != batch_axis and i != features and d - tokens in others]
     hint = (f"tell route() with token_inputs={{{hint_key!r}: <token axis>}} or "
             f"token_inputs={{{hint_key!r}: None}} (not per-token)")
     if axes and len(joint) == 1:
@@ -395,12 +395,17 @@ def _op_name(node: fx.Node) -> str:
     return ""
 
 
-def _image_rows_of(sources: Sequence[fx.Node]) -> set[fx.Node]:
+def _image_rows_of(sources: Sequence[fx.Node],
+                   streams: Mapping[fx.Node, tuple[Any, Any]] | None = None) -> set[fx.Node]:
     """Values whose rows are computed from the image input's tokens.
 
     Like :func:`_value_descendants`, but a reduction (``img.mean(1)`` folded into a class
     token) makes a value of its own, and an attention output has the rows of its query
-    (text refined by attending to the image is still text)."""
+    (text refined by attending to the image is still text).  A block of the chain
+    (``streams``: block call -> (stream argument, stream output index)) returns image rows
+    only in its stream output, and only when the image came in through its stream
+    argument (a double-stream block's text output is text)."""
+    streams = streams or {}
     seen, todo = set(sources), list(sources)
     while todo:
         node = todo.pop()
@@ -409,6 +414,16 @@ def _image_rows_of(sources: Sequence[fx.Node]) -> set[fx.Node]:
                 continue
             if _op_name(user) in _ATTENTION and (user.args[:1] or [None])[0] is not node:
                 continue
+            if user in streams:
+                key, out = streams[user]
+                if hidden_input(user, key) is not node:
+                    continue
+                if out is not None:
+                    outs = [u for u in user.users if u.op == "call_function"
+                            and u.target is operator.getitem and u.args[1] == out]
+                    seen.update(outs)
+                    todo.extend(outs)
+                    continue
             seen.add(user)
             todo.append(user)
     return seen
@@ -433,7 +448,8 @@ def _cat_dim(node: fx.Node) -> Any:
 
 
 def fixed_rows(graph: fx.Graph, chain_input: fx.Node, shapes: Mapping | None,
-               token_axis: int = 1) -> tuple[int, int] | None:
+               token_axis: int = 1, streams: Mapping[fx.Node, tuple[Any, Any]] | None = None
+               ) -> tuple[int, int] | None:
     """Rows of the blocks' input that must never be routed: ``(head, tail)``.
 
     Follows the chain's input back to the concatenations on the token axis that built it;
@@ -455,7 +471,7 @@ def fixed_rows(graph: fx.Graph, chain_input: fx.Node, shapes: Mapping | None,
             todo.extend(i for i in node.all_input_nodes if not _is_metadata(i))
         return (0, 0)
     image_inputs, sure = _image_inputs(graph, chain_input)
-    image = _image_rows_of(image_inputs)
+    image = _image_rows_of(image_inputs, streams)
     rank = len(shapes[chain_input])
     memo: dict[fx.Node, Any] = {}
 
@@ -537,7 +553,7 @@ def plan_routes(graph: fx.Graph, chain: BlockChain, routes: Sequence[Route],
     other_batch = other_batch or {}
     blocks = block_nodes(graph, chain.targets)
     flow = data_flow(graph)
-    chain_input = hidden_input(blocks[0], chain.hidden_in[0])
+    streams = {b: (chain.hidden_in[i], chain.hidden_out[i]) for i, b in enumerate(blocks)}
     route_axes = []
     for i, route in enumerate(routes):
         first = blocks[route.start]
@@ -545,19 +561,28 @@ def plan_routes(graph: fx.Graph, chain: BlockChain, routes: Sequence[Route],
         route_axes.append((0, 1) if shapes is None else hidden_axes(
             shapes[x_in], other_batch.get(first.target, {}).get(str(chain.hidden_in[route.start])),
             f"route {i} ({route}): block {first.target!r}"))
-    axes = route_axes[0]
-    if prefix is not None:
-        fixed = (prefix, 0)
-    else:
-        fixed = fixed_rows(graph, chain_input, shapes, axes[1])
-        if fixed is None:
-            raise TokenAxisError(
-                f"the blocks' input {chain_input.name!r} may be built by concatenating tokens "
-                f"(class, time or text tokens beside the image tokens?) and without example "
-                f"inputs their count is unknown; pass example_inputs=... to route(), or "
-                f"prefix_tokens=<count> (0 routes them like every other token)")
+    fixed_of: dict[int, tuple[int, int]] = {}
+
+    def segment_fixed(index: int, axes: tuple[int, int]) -> tuple[int, int]:
+        """Never-routed rows of the stream the segment holding block ``index`` takes."""
+        start = chain.segment_start(index)
+        if start not in fixed_of:
+            stream = hidden_input(blocks[start], chain.hidden_in[start])
+            found = (prefix, 0) if prefix is not None else \
+                fixed_rows(graph, stream, shapes, axes[1], streams)
+            if found is None:
+                raise TokenAxisError(
+                    f"the blocks' input {stream.name!r} may be built by concatenating "
+                    f"tokens (class, time or text tokens beside the image tokens?) and "
+                    f"without example inputs their count is unknown; pass "
+                    f"example_inputs=... to route(), or prefix_tokens=<count> (0 routes "
+                    f"them like every other token)")
+            fixed_of[start] = found
+        return fixed_of[start]
+
     plans = []
     for route, axes in zip(routes, route_axes):
+        fixed = segment_fixed(route.start, axes)
         span = blocks[route.start:route.end + 1]
         x_in = hidden_input(span[0], chain.hidden_in[route.start])
         x_key = str(chain.hidden_in[route.start])

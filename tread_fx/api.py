@@ -37,10 +37,15 @@ def _check_chain(chain: BlockChain, groups, graphs: dict[str, fx.Graph], hidden,
     in_chain = set(chain.targets)
     first = next(iter(graphs.values()))
     called = {n.target for n in first.nodes if n.op == "call_module"}
+    # Same-class modules in another container (a refiner, a modulation list) are not
+    # blocks of this chain and cannot shift its indices; in the chain's own container
+    # they would (blocks.0 outside the chain makes route index 0 the user's blocks.1).
+    containers = {_container(t) for t in chain.targets}
     for group in groups:
         if not in_chain & set(group.names):
             continue
-        missing = [n for n in group.names if n in called and n not in in_chain]
+        missing = [n for n in group.names if n in called and n not in in_chain
+                   and _container(n) in containers]
         if missing:
             raise NoBlocksFound(
                 f"{', '.join(missing)} belong(s) with the block sequence "
@@ -58,6 +63,34 @@ def _check_chain(chain: BlockChain, groups, graphs: dict[str, fx.Graph], hidden,
                 f"calls {eval_chain.targets}; Python-level randomness or mode checks around "
                 f"the block calls (e.g. LayerDrop) cannot be routed. Move them into the blocks"
             )
+
+
+class _SegmentError(ValueError):
+    """A route spans the gap before block ``index`` (a ValueError with the gap's index)."""
+
+    def __init__(self, index: int, message: str) -> None:
+        super().__init__(message)
+        self.index = index
+
+
+def _check_segments(spec: RouteSpec, chain: BlockChain) -> None:
+    """Refuse a route that spans two segments of the chain (the model works on the stream
+    between them, e.g. concatenates text tokens to it)."""
+    for i, r in enumerate(spec.routes):
+        for b in chain.breaks:
+            if r.start < b <= r.end:
+                raise _SegmentError(b, 
+                    f"route {i} ({r}) spans blocks {chain.targets[b - 1]!r} (index {b - 1}) "
+                    f"and {chain.targets[b]!r} (index {b}), between which the model changes "
+                    f"the token stream (the blocks from index {b} on take a stream that is "
+                    f"built after block {b - 1}, e.g. with text tokens joined to it); a route "
+                    f"must end by block {b - 1} or start at block {b} or later")
+
+
+def _container(path: str) -> str:
+    """``blocks`` for ``blocks.3``; a module that is not in a list is its own container."""
+    head, _, last = path.rpartition(".")
+    return head if last.isdigit() else path
 
 
 def _require_routed(routed: nn.Module, caller: str) -> TreadGraphModule:
@@ -248,6 +281,7 @@ def _route(model: nn.Module, spec: RouteSpec, example_inputs: Any,
     traced, chain = _graphs_of(model, spec, call, front_end=front_end, dynamic=True)
     where = f"the block sequence {chain.targets[0]}..{chain.targets[-1]}"
     spec = spec.resolve(len(chain), where)
+    _check_segments(spec, chain)
     selectors: dict = {}
     built, constants = _route_graphs(model, spec, traced, chain, call, selectors)
     routed = TreadGraphModule(model, built["train"][0], built.get("eval", (None,))[0],
