@@ -3,7 +3,7 @@
 For each: ratio 0 is the original bit for bit (outputs and gradients, train mode); eval
 is the original at any ratio; a ratio-0.5 train step (output and every gradient) equals an
 independent reference computed from the same kept indices without tread_fx's routing code
-(:mod:`tread_fx.tools.reference`); the blocks of a route see the kept count; prefix tokens
+(:mod:`tread_fx.reference`); the blocks of a route see the kept count; prefix tokens
 (pinned per backbone) are never routed; routed tokens leave with their pre-route values;
 per-token side inputs reach the routed blocks gathered with the same indices. Some tests
 break tread_fx on purpose and check that these checks then fail.

@@ -1,4 +1,4 @@
-"""The independent reference of tools/reference.py, checked without tread_fx's routing.
+"""The independent reference of tread_fx/reference.py, checked without tread_fx's routing.
 
 Its premise -- a dense run with the dropped keys masked out of every attention inside a
 route, and the dropped tokens reset after each routed block, computes what running the
@@ -9,7 +9,7 @@ here (gather the kept tokens and the matching RoPE rows, run the blocks, write b
 import pytest
 import torch
 
-from tread_fx.tools.reference import kept_mask, masked_reference, reference, ssm_reference
+from tread_fx.reference import kept_mask, masked_reference, reference, ssm_reference
 from tread_fx.tools.zoo import build
 
 B = 3
@@ -87,17 +87,33 @@ def test_ssm_reference_keeping_every_token_is_the_dense_model_and_routing_change
     assert not torch.allclose(half, dense, atol=1e-3)
 
 
-def test_joint_attention_needs_the_order_of_the_streams():
+def test_joint_attention_by_lengths_needs_the_order_of_the_streams():
     model, inputs, _ = build(_name("MMDiT"))
     n = model.x_embedder.num_patches
     with pytest.raises(ValueError, match="joint='text_first' or 'image_first'"):
-        masked_reference(model, inputs, list(model.joint_blocks), [(1, 2)], [_draw(n, n // 2)])
+        masked_reference(model, inputs, list(model.joint_blocks), [(1, 2)], [_draw(n, n // 2)],
+                         joint=None)
+
+
+def test_measured_token_positions_equal_the_known_order_and_the_wrong_order_differs():
+    """joint="auto" finds MMDiT's [text, image] keys itself: the same result as the order
+    read from its code, and unlike the other order."""
+    model, inputs, _ = build(_name("MMDiT"))
+    n = model.x_embedder.num_patches
+    idx = [_draw(n, n // 2)]
+    blocks = list(model.joint_blocks)
+    with torch.no_grad():
+        auto = masked_reference(model, inputs, blocks, [(1, 2)], idx)
+        known = masked_reference(model, inputs, blocks, [(1, 2)], idx, joint="text_first")
+        wrong = masked_reference(model, inputs, blocks, [(1, 2)], idx, joint="image_first")
+    assert torch.allclose(auto, known, atol=1e-6, rtol=0)
+    assert not torch.allclose(auto, wrong, atol=1e-3)
 
 
 def test_masked_reference_refuses_blocks_that_mix_tokens_without_attention():
     model, inputs, _ = build(_name("bidirectional SSM"))
     n = model.x_embedder.num_patches
-    with pytest.raises(RuntimeError, match="made no self-attention call"):
+    with pytest.raises(RuntimeError, match="made no attention call over its tokens"):
         masked_reference(model, inputs, list(model.blocks), [(1, 2)], [_draw(n, n // 2)])
 
 
@@ -110,7 +126,7 @@ def test_reference_does_not_use_tread_fx_routing_code():
     import ast
     import inspect
 
-    from tread_fx.tools import reference as module
+    from tread_fx import reference as module
 
     imported = set()
     for node in ast.walk(ast.parse(inspect.getsource(module))):

@@ -4,7 +4,7 @@ For each backbone of :mod:`tread_fx.tools.zoo`: which front end traced it, wheth
 is the original bit for bit (outputs and every gradient, train mode), whether eval mode
 is the original at ratio 0.5, and whether a ratio-0.5 training step (forward and
 backward) computes what an independent reference computes from the same kept indices
-(:mod:`tread_fx.tools.reference`: the original model run densely with masked attention
+(:mod:`tread_fx.reference`: the original model run densely with masked attention
 and the dropped tokens reset after each routed block, or a hand-written routed forward for
 the SSM).  The tests assert the same facts through :func:`check_backbone`.
 """
@@ -18,19 +18,12 @@ import torch
 
 import tread_fx
 
-from .reference import reference
+from tread_fx.reference import reference
 from .zoo import BACKBONES, DIFFUSERS, build
 
-__all__ = ["JOINT_ORDER", "TOLERANCE", "check_backbone", "compare_with_reference", "main",
+__all__ = ["TOLERANCE", "check_backbone", "compare_with_reference", "main",
            "add_arguments"]
 
-# Where the image tokens sit in each joint (text + image) attention, read from the models'
-# code: models/mmdit.py concatenates [text, image]; diffusers' JointAttnProcessor2_0
-# concatenates [image, text].
-JOINT_ORDER = {
-    "MMDiT (models.mmdit)": "text_first",
-    "diffusers SD3Transformer2DModel": "image_first",
-}
 # Routed vs reference: max abs difference relative to the reference's max abs value.
 TOLERANCE = 1e-5
 
@@ -74,7 +67,7 @@ def compare_with_reference(name: str, model, routed, inputs, spec: str,
         raise RuntimeError(f"{name}: a route did not draw indices (is `routed` in train mode?)")
     blocks = [model.get_submodule(t) for t in routed.block_chain]
     ref, ref_grads = _train_step(model, params, inputs, seed, lambda: reference(
-        model, inputs, blocks, _spans(spec, len(blocks)), indices, joint=JOINT_ORDER.get(name)))
+        model, inputs, blocks, _spans(spec, len(blocks)), indices))
     scale = ref.abs().max().item() or 1.0
     out_diff = (out - ref).abs().max().item()
     # gradients relative to the largest gradient entry of any parameter: some are zero up
@@ -119,10 +112,19 @@ def check_backbone(name: str) -> dict[str, Any]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from . import support
     p.add_argument("--no-diffusers", action="store_true", help="skip the diffusers models")
+    g = p.add_argument_group("every diffusers transformer (tread_fx.tools.support)")
+    g.add_argument("--diffusers", action="store_true",
+                   help="instead: route and verify every class of the diffusers zoo and "
+                        "print the support table with its totals (about an hour on 2 cores)")
+    support.add_arguments(g)
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.diffusers:
+        from . import support
+        return support.main(args)
     names = list(BACKBONES)
     if not args.no_diffusers:
         try:

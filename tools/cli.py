@@ -15,28 +15,6 @@ __all__ = ["main"]
 _TRAIN_EXTRA = ("PIL", "matplotlib", "mlxtend", "tqdm")
 
 
-def _inspect(args: argparse.Namespace) -> int:
-    import torch
-
-    import tread_fx
-    from tread_fx.models import DiT_models
-
-    from .inspect import summary, to_dot
-
-    model = DiT_models[args.model](input_size=args.input_size, num_classes=1000)
-    example = (torch.randn(1, model.in_channels, args.input_size, args.input_size),
-               torch.rand(1), torch.zeros(1, dtype=torch.long))
-    routed = tread_fx.route(model, args.routes, example_inputs=example)
-    print(summary(routed))
-    if args.code:
-        print(routed.code)
-    if args.dot:
-        with open(args.dot, "w") as f:
-            f.write(to_dot(routed.graph, type(routed).__name__))
-        print(f"wrote {args.dot} (render: dot -Tsvg {args.dot} -o routed.svg)")
-    return 0
-
-
 def _command(name: str) -> Callable[[argparse.Namespace], int]:
     """``main`` of the module ``name``, imported when the command runs: the ``train`` and
     ``convergence`` modules need the ``train`` extra, which the other commands do not."""
@@ -55,8 +33,6 @@ def _command(name: str) -> Callable[[argparse.Namespace], int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from tread_fx.models import DiT_models
-
     from . import backbones, bench
 
     parser = argparse.ArgumentParser(prog="tread-fx", description=__doc__)
@@ -68,13 +44,19 @@ def build_parser() -> argparse.ArgumentParser:
                        "models) and print the support table")
     backbones.add_arguments(p)
     p.set_defaults(func=backbones.main)
-    p = sub.add_parser("inspect", help="route a reference DiT and print what was inserted")
-    p.add_argument("--model", default="DiT-B/2", choices=sorted(DiT_models))
-    p.add_argument("--routes", default="2:8@0.5")
-    p.add_argument("--input-size", type=int, default=32)
-    p.add_argument("--code", action="store_true", help="print the routed train graph's code")
-    p.add_argument("--dot", metavar="FILE", help="write the routed graph as Graphviz DOT")
-    p.set_defaults(func=_inspect)
+    from . import inspect as inspect_cmd
+    p = sub.add_parser("inspect", help="per-block tokens and FLOPs of a routed model, its "
+                       "inserted nodes, graph diff and drawing", description=inspect_cmd.__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    inspect_cmd.add_arguments(p)
+    p.set_defaults(func=inspect_cmd.main)
+    from . import verify as verify_cmd
+    p = sub.add_parser("verify", help="prove that routing a model computes TREAD: eval and "
+                       "ratio 0 equal to the model, the routed step equal to an independent "
+                       "reference", description=verify_cmd.__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    verify_cmd.add_arguments(p)
+    p.set_defaults(func=verify_cmd.main)
     from . import train_config
 
     p = sub.add_parser("train", help="train a small DiT with or without routing (default: "

@@ -3,8 +3,8 @@
     python -m tread_fx.tools.front_ends [--zoo PATH] [--cases NAME,NAME] [--out FILE]
 
 A zoo is a Python file defining ``CASES`` (dicts with ``name``, ``cls``, ``init``, ...) and
-``build(case) -> (model, inputs)`` (the reference one: ``../shared/diffusers_zoo.py`` next to
-the repository).  For every case and each front end (``export``, ``concrete``) the model is
+``build(case) -> (model, inputs)`` (default: :mod:`tread_fx.tools.diffusers_zoo`, tiny
+configs of every diffusers transformer class).  For every case and each front end (``export``, ``concrete``) the model is
 built afresh, every parameter gets small noise (zero-initialised output layers make many
 models an identity at init), and it is routed with ``tread_fx.route(model, "1:-2@0.5",
 example_inputs=inputs, front_end=fe)`` (blocks 1..len-2 of the found chain; ``0:0`` for a
@@ -49,14 +49,9 @@ SKIP_AFTER_S = 60.0    # the second front end is skipped when the first took lon
 
 # --------------------------------------------------------------------------- zoo
 
-def default_zoo() -> Path | None:
-    """``../shared/diffusers_zoo.py`` relative to the repository root, if it exists."""
-    roots = [Path(__file__).resolve().parents[1], Path.cwd()]
-    for root in roots:
-        path = root.parent / "shared" / "diffusers_zoo.py"
-        if path.is_file():
-            return path
-    return None
+def default_zoo() -> Path:
+    """The zoo this package carries: :mod:`tread_fx.tools.diffusers_zoo`."""
+    return Path(__file__).resolve().parent / "diffusers_zoo.py"
 
 
 def load_zoo(path: str | os.PathLike):
@@ -227,11 +222,11 @@ def measure(zoo, case: dict, front_end: str,
     return facts
 
 
-def _child(conn, zoo, case, front_end):
+def _child(conn, zoo, case, front_end, measure_fn):
     def report(**kw):
         conn.send(kw)
     try:
-        measure(zoo, case, front_end, report)
+        measure_fn(zoo, case, front_end, report)
     except BaseException as err:   # measure catches everything it expects
         try:
             conn.send({"status": "error", "error": _error(err)})
@@ -241,11 +236,13 @@ def _child(conn, zoo, case, front_end):
         conn.close()
 
 
-def _run_isolated(zoo, case, front_end, limit: float) -> dict[str, Any]:
-    """``measure`` in a forked child, killed after ``limit`` seconds."""
+def _run_isolated(zoo, case, front_end, limit: float,
+                  measure_fn: Callable[..., dict[str, Any]] = measure) -> dict[str, Any]:
+    """``measure_fn(zoo, case, front_end, report)`` (default :func:`measure`) in a forked
+    child, killed after ``limit`` seconds."""
     ctx = mp.get_context("fork")
     recv, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, args=(send, zoo, case, front_end))
+    proc = ctx.Process(target=_child, args=(send, zoo, case, front_end, measure_fn))
     start = time.monotonic()
     proc.start()
     send.close()
@@ -422,8 +419,8 @@ def _summary(results) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tread_fx.tools.front_ends",
                                 description=__doc__.split("\n")[0])
-    p.add_argument("--zoo", help="zoo file (CASES, build); default ../shared/diffusers_zoo.py "
-                   "relative to the repository root")
+    p.add_argument("--zoo", help="zoo file (CASES, build); default: the package's "
+                   "tools/diffusers_zoo.py")
     p.add_argument("--cases", help="comma-separated case names (default: all)")
     p.add_argument("--out", help="also write the markdown report to this file")
     p.add_argument("--json", help="also write the raw measurements to this file (JSON)")
@@ -433,9 +430,6 @@ def main(argv: list[str] | None = None) -> int:
                    help="no child processes (no hard time limit; for debugging)")
     args = p.parse_args(argv)
     zoo_path = args.zoo or default_zoo()
-    if zoo_path is None:
-        raise SystemExit("front_ends: no zoo at ../shared/diffusers_zoo.py next to the "
-                         "repository; pass --zoo PATH")
     zoo = load_zoo(zoo_path)
     cases = list(zoo.CASES)
     if args.cases:

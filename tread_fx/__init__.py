@@ -6,6 +6,7 @@ See README.md for the semantics and the API.
 """
 
 from .api import is_routed, kept_masks, route, routing, unroute
+from .explain import explain
 from .module import TreadGraphModule
 from .passes.find_blocks import NoBlocksFound
 from .passes.insert_routes import RouteEscapeError
@@ -14,6 +15,7 @@ from .passes.token_axes import TokenAxisError
 from .passes.trace import TraceError
 from .runtime import TokenSelector
 from .spec import Route, RouteSpec, parse_spec
+from .verify import VerifyReport, verify
 
 __version__ = "0.1.0"
 
@@ -27,10 +29,13 @@ __all__ = [
     "TokenSelector",
     "TraceError",
     "TreadGraphModule",
+    "VerifyReport",
+    "explain",
     "is_routed",
     "kept_masks",
     "parse_spec",
     "route",
     "routing",
     "unroute",
+    "verify",
 ]

@@ -6,13 +6,15 @@ must return, without any of tread_fx's graph passes or runtime nodes:
 
 * :func:`masked_reference` runs the model densely and
   (a) inside the blocks of a route patches ``torch.nn.functional.scaled_dot_product_attention``
-  so that no query attends to a dropped key. Which key positions are image tokens is read
-  from the sequence lengths alone: a self-attention over the block's ``N`` hidden tokens
-  masks the dropped ones; a joint attention over ``N + T`` tokens (another stream's ``T``
-  tokens concatenated to the image tokens) masks the dropped image tokens at their
-  positions, with the order given by ``joint`` (``"text_first"``: MMDiT, Flux;
-  ``"image_first"``: diffusers' ``JointAttnProcessor2_0``); a cross-attention (queries and
-  keys of different lengths) is left alone;
+  so that no query attends to a dropped key.  Where the block's tokens sit in each
+  attention's key sequence is measured (``joint="auto"``, the default): the block is run
+  three more times (no grad, same random state) with one token of its hidden input
+  changed, and the key rows that change locate the tokens (offset 0 for a self-attention
+  over the tokens, ``T`` when another stream's ``T`` tokens come first, none for an
+  attention whose keys do not come from the tokens); a key row that depends on several
+  tokens (a convolution before the attention) makes the reference refuse.  ``joint=
+  "text_first"`` / ``"image_first"`` instead read the position from the sequence lengths
+  (a joint attention over ``N + T`` keys, cross-attentions of other lengths left alone);
   (b) after every block of a route resets the dropped tokens to the values they had when
   they entered the route (forward hooks on the user's blocks). Every block output made
   inside a route thereby follows the documented semantics of values leaving a route
@@ -52,11 +54,76 @@ def _call(model: nn.Module, inputs: Any):
     return model(**inputs) if isinstance(inputs, dict) else model(*inputs)
 
 
-def _hidden_of(args: tuple, kwargs: dict) -> torch.Tensor:
-    for key in ("x", "hidden_states"):
+_HIDDEN = ("x", "hidden_states", "hidden", "h", "img", "image", "tokens")
+
+
+def _hidden_key(args: tuple, kwargs: dict):
+    """Where a block takes its token stream: a conventional keyword, else argument 0."""
+    for key in _HIDDEN:
         if key in kwargs:
-            return kwargs[key]
-    return args[0]
+            return key
+    return 0
+
+
+def _with_hidden(args: tuple, kwargs: dict, key, x: torch.Tensor) -> tuple[tuple, dict]:
+    if isinstance(key, str):
+        return args, {**kwargs, key: x}
+    return (x, *args[1:]), kwargs
+
+
+def _hidden_of(args: tuple, kwargs: dict) -> torch.Tensor:
+    key = _hidden_key(args, kwargs)
+    return kwargs[key] if isinstance(key, str) else args[key]
+
+
+def _changed_rows(a: torch.Tensor, b: torch.Tensor) -> set[int]:
+    diff = (a.float() - b.float()).abs().movedim(-2, 0).reshape(a.shape[-2], -1)
+    return set(torch.nonzero(diff.amax(dim=1) > 0).flatten().tolist())
+
+
+def _key_offsets(block: nn.Module, args: tuple, kwargs: dict, probe: list, name: str
+                 ) -> list[int | None]:
+    """Per attention call of ``block``: where its input tokens sit among the keys.
+
+    Runs the block on its real input and on two copies with one token changed (the last,
+    then the first), recording every attention call's keys (``probe`` collects them), and
+    reads which key rows changed.  ``None``: the call's keys do not come from the tokens.
+    """
+    key = _hidden_key(args, kwargs)
+    x = _hidden_of(args, kwargs)
+    n = x.shape[1]
+    runs = []
+    with torch.no_grad(), torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):
+        state = torch.random.get_rng_state()
+        for j in (None, n - 1, 0):
+            torch.random.set_rng_state(state)
+            probe.clear()
+            xj = x.detach().clone()
+            if j is not None:
+                xj[:, j] += 1.0
+            a, k = _with_hidden(args, kwargs, key, xj)
+            block(*a, **k)
+            runs.append(list(probe))
+    probe.clear()
+    base, last, first = runs
+    if not len(base) == len(last) == len(first):
+        raise RuntimeError(f"{name}: the number of attention calls depends on the input "
+                           f"values; the reference cannot follow it")
+    offsets: list[int | None] = []
+    for c, (k0, k1, k2) in enumerate(zip(base, last, first)):
+        rows1, rows2 = _changed_rows(k0, k1), _changed_rows(k0, k2)
+        if not rows1 and not rows2:
+            offsets.append(None)
+            continue
+        if len(rows1) == 1 and len(rows2) == 1 and next(iter(rows1)) - (n - 1) == next(iter(rows2)):
+            offsets.append(next(iter(rows2)))
+            continue
+        raise RuntimeError(
+            f"{name}: attention call {c}: changing token {n - 1} of the block's input "
+            f"changed key rows {sorted(rows1)[:8]}, token 0 changed {sorted(rows2)[:8]}; the "
+            f"block mixes tokens before this attention (a convolution over the grid?), so "
+            f"masking keys cannot reproduce the routed computation: cannot verify")
+    return offsets
 
 
 def _check_routes(routes: Sequence[tuple[int, int]], indices: Sequence[torch.Tensor],
@@ -72,7 +139,7 @@ def _check_routes(routes: Sequence[tuple[int, int]], indices: Sequence[torch.Ten
 
 
 def _key_mask(keep: torch.Tensor, q_len: int, k_len: int, joint: str | None) -> torch.Tensor | None:
-    """``[B, 1, 1, Lk]`` bool mask (True = may attend) for one attention call, or None.
+    """``[B, Lk]`` bool mask (True = may attend) for one attention call, or None.
 
     ``keep`` is the ``[B, N]`` kept mask of the block's hidden tokens.
     """
@@ -89,16 +156,18 @@ def _key_mask(keep: torch.Tensor, q_len: int, k_len: int, joint: str | None) -> 
                 f"'image_first' to say where the image tokens are")
         other = keep.new_ones(keep.shape[0], k_len - n)
         full = torch.cat([other, keep] if joint == "text_first" else [keep, other], dim=1)
-    return full[:, None, None, :]
+    return full
 
 
 def masked_reference(model: nn.Module, inputs: Any, blocks: Sequence[nn.Module],
                      routes: Sequence[tuple[int, int]], indices: Sequence[torch.Tensor],
-                     joint: str | None = None):
+                     joint: str | None = "auto"):
     """The routed forward computed densely on ``model`` with masked attention (see module doc).
 
     ``blocks``: the chain's blocks in call order; ``routes``: inclusive ``(start, end)``
     positions in ``blocks``; ``indices``: the ``[B, kept]`` kept indices of each route.
+    ``joint``: ``"auto"`` measures where the tokens sit in each attention's keys;
+    ``"text_first"`` / ``"image_first"`` / ``None`` read it from the sequence lengths.
     Returns whatever ``model`` returns; it runs in the model's current mode, with grad.
     """
     _check_routes(routes, indices, len(blocks))
@@ -106,20 +175,44 @@ def masked_reference(model: nn.Module, inputs: Any, blocks: Sequence[nn.Module],
     for r, (start, end) in enumerate(routes):
         for i in range(start, end + 1):
             route_of[i] = r
-    state: dict[str, Any] = {"keep": None, "calls": 0}
+    # keep: [B, N] kept mask of the running routed block; calls: its attention calls so
+    # far; masked: how many were masked; offsets: per call, where its tokens sit in the
+    # keys (auto); probe: a list while a block is probed (records keys, masks nothing)
+    state: dict[str, Any] = {"keep": None, "calls": 0, "masked": 0, "offsets": None,
+                             "probe": None}
     entering: dict[int, torch.Tensor] = {}          # route -> tensor entering it
     masks: dict[int, torch.Tensor] = {}
 
     original_sdpa = F.scaled_dot_product_attention
 
+    def allowed_keys(keep: torch.Tensor, q_len: int, k_len: int) -> torch.Tensor | None:
+        if state["offsets"] is None:
+            return _key_mask(keep, q_len, k_len, joint)
+        calls = state["offsets"]
+        if state["calls"] >= len(calls):
+            raise RuntimeError("a routed block made more attention calls than when it was "
+                               "probed")
+        at = calls[state["calls"]]
+        if at is None:
+            return None
+        allowed = keep.new_ones(keep.shape[0], k_len)
+        allowed[:, at:at + keep.shape[1]] = keep
+        return allowed
+
     def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, **kwargs):
         keep = state["keep"]
-        if keep is not None:
-            allowed = _key_mask(keep, query.shape[-2], key.shape[-2], joint)
+        if state["probe"] is not None:
+            state["probe"].append(key.detach().clone())
+        elif keep is not None:
+            allowed = allowed_keys(keep, query.shape[-2], key.shape[-2])
+            state["calls"] += 1
             if allowed is not None:
+                # [B, Lk] -> [B, 1, ..., 1, Lk]: broadcast over heads and queries
+                allowed = allowed.reshape(allowed.shape[0], *[1] * (query.dim() - 2),
+                                          allowed.shape[-1])
                 if is_causal:
                     raise NotImplementedError("causal attention inside a route")
-                state["calls"] += 1
+                state["masked"] += 1
                 if attn_mask is None:
                     attn_mask = allowed
                 elif attn_mask.dtype == torch.bool:
@@ -133,6 +226,8 @@ def masked_reference(model: nn.Module, inputs: Any, blocks: Sequence[nn.Module],
         r = route_of[i]
 
         def hook(module, args, kwargs):
+            if state["probe"] is not None:
+                return None
             x = _hidden_of(args, kwargs)
             if i == routes[r][0]:
                 entering[r] = x
@@ -140,28 +235,52 @@ def masked_reference(model: nn.Module, inputs: Any, blocks: Sequence[nn.Module],
             if x.shape != entering[r].shape:
                 raise RuntimeError(f"block {i} gets hidden state {tuple(x.shape)}, the route "
                                    f"entered with {tuple(entering[r].shape)}")
-            state["keep"], state["calls"] = masks[r], 0
+            state["offsets"] = None
+            if joint == "auto":
+                state["probe"] = []
+                try:
+                    state["offsets"] = _key_offsets(module, args, kwargs, state["probe"],
+                                                    f"block {i} ({type(module).__name__})")
+                finally:
+                    state["probe"] = None
+            state["keep"], state["calls"], state["masked"] = masks[r], 0, 0
         return hook
 
     def post_hook(i):
         r = route_of[i]
 
         def hook(module, args, kwargs, out):
+            if state["probe"] is not None:
+                return None
             state["keep"] = None
-            if state["calls"] == 0:
+            if state["masked"] == 0:
                 raise RuntimeError(
-                    f"block {i} ({type(module).__name__}) made no self-attention call through "
-                    f"torch.nn.functional.scaled_dot_product_attention; the masked reference "
-                    f"is only exact for blocks that mix tokens through it")
+                    f"block {i} ({type(module).__name__}) made no attention call over its "
+                    f"tokens through torch.nn.functional.scaled_dot_product_attention; the "
+                    f"masked reference is only exact for blocks that mix tokens through it: "
+                    f"cannot verify")
             x_in, keep = entering[r], masks[r][..., None]
-            hidden = out if torch.is_tensor(out) else out[-1]
+            if torch.is_tensor(out):
+                at = None
+            else:
+                same = [k for k, o in enumerate(out)
+                        if torch.is_tensor(o) and o.shape == x_in.shape]
+                if len(same) != 1:
+                    raise RuntimeError(
+                        f"block {i} returns {len(same)} tensors shaped like its hidden input "
+                        f"{tuple(x_in.shape)}; which one carries the tokens is ambiguous to "
+                        f"the reference: cannot verify")
+                at = same[0]
+            hidden = out if at is None else out[at]
             if hidden.shape != x_in.shape:
                 raise RuntimeError(f"block {i} returns {tuple(hidden.shape)}, expected the "
-                                   f"hidden state {tuple(x_in.shape)} last")
+                                   f"hidden state {tuple(x_in.shape)}")
             hidden = torch.where(keep, hidden, x_in.to(hidden.dtype))
-            if torch.is_tensor(out):
+            if at is None:
                 return hidden
-            return type(out)((*out[:-1], hidden))
+            items = list(out)
+            items[at] = hidden
+            return type(out)(items)
         return hook
 
     handles = []
@@ -211,7 +330,7 @@ def ssm_reference(model: nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.T
 
 def reference(model: nn.Module, inputs: Any, blocks: Sequence[nn.Module],
               routes: Sequence[tuple[int, int]], indices: Sequence[torch.Tensor],
-              joint: str | None = None):
+              joint: str | None = "auto"):
     """:func:`ssm_reference` for an ``SSMDiT``, :func:`masked_reference` for anything else."""
     from tread_fx.models.ssm import SSMDiT
 
