@@ -5,22 +5,27 @@ What the command does, writes and prints is its ``--help`` text,
 and checks in :mod:`.train_config`; the DiT and its held-out loss in :mod:`.train_model`;
 checkpoint, metrics and the output folder in :mod:`.train_checkpoint`; sampling and the
 labelled sample grid in :mod:`.train_samples`; the loss plot in :mod:`.train_plots`;
-progress bars and status lines in :mod:`.train_progress`.  The names other code imports from
-here (``Trainer``, ``EvalSet``, ``sample_images``, ``write_png``, ...) stay importable.
+progress bars and status lines in :mod:`.train_progress`; ``--nproc`` (data-parallel ranks) in
+:mod:`.train_distributed`.  The names other code imports from here (``Trainer``, ``EvalSet``,
+``sample_images``, ``write_png``, ...) stay importable.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 import tread_fx
 from tread_fx.diffusion import EMA, RectifiedFlow
@@ -35,6 +40,7 @@ from .train_config import (DEFAULT_STEPS, DEFAULTS, RUN_DEFAULTS, TrainError, ad
                            check_config, check_out, check_route_tokens, default_routes,
                            resolve_config, resolve_routes)
 from .train_config import add_train_arguments as add_arguments
+from .train_distributed import Parallel, launched_by_torchrun
 from .train_model import EVAL_T_GRID, T_SCALE, EvalSet, TimeScaled, build_model
 from .train_plots import plot_loss
 from .train_progress import progress_bar, status
@@ -44,7 +50,7 @@ __all__ = [
     "CHECKPOINT_FORMAT", "DEFAULTS", "DEFAULT_STEPS", "EVAL_T_GRID", "EvalSet", "RUN_DEFAULTS",
     "T_SCALE", "TrainError", "Trainer", "add_arguments", "add_model_arguments", "build_model",
     "default_routes", "image_grid", "label_rows", "load_checkpoint", "main", "plot_loss",
-    "resolve_routes", "run", "sample_images", "save_checkpoint", "write_png",
+    "resolve_routes", "run", "sample_images", "save_checkpoint", "setup", "write_png",
 ]
 
 # purposes of the per-step random streams
@@ -56,9 +62,10 @@ _DATA, _NOISE, _MODEL = 0, 1, 2
 # ---------------------------------------------------------------------------------------
 
 
-def _stream_seed(seed: int, purpose: int, index: int) -> int:
-    """A 63-bit seed that is a function of (seed, purpose, index) only."""
-    state = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, purpose, int(index)]).generate_state(2)
+def _stream_seed(seed: int, purpose: int, index: int, *more: int) -> int:
+    """A 63-bit seed that is a function of (seed, purpose, index, *more) only."""
+    entropy = [int(seed) & 0xFFFFFFFF, purpose, int(index), *map(int, more)]
+    state = np.random.SeedSequence(entropy).generate_state(2)
     return (int(state[0]) << 31 | int(state[1]) >> 1) & ((1 << 63) - 1)
 
 
@@ -68,13 +75,22 @@ class Trainer:
     ``config`` holds the keys of :data:`DEFAULTS` (resolved).  The dense model is
     ``self.model``; ``self.net`` is what is trained (``tread_fx.route(model, ...)`` or the
     model itself for ``routes=None``) -- both share the parameters.
+
+    With ``parallel`` (rank ``r`` of ``N``, the process group initialised), ``self.net`` is
+    run through ``DistributedDataParallel`` (``self.wrapped``); ``config["batch"]`` is the
+    global batch and rank ``r`` trains on its ``r``-th slice.
     """
 
     def __init__(self, config: dict, data: Dataset, *, ema: bool = True,
-                 device: torch.device | str = "cpu") -> None:
+                 device: torch.device | str = "cpu", parallel: Parallel | None = None) -> None:
         self.config = dict(config)
         self.data = data
         self.device = torch.device(device)
+        self.parallel = parallel or Parallel()
+        world = self.parallel.world
+        if config["batch"] % world:
+            raise TrainError(f"--batch {config['batch']} is the global batch and must split "
+                             f"evenly over the {world} processes; pass a multiple of {world}")
         self.routes = resolve_routes(config["routes"], config["depth"])
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(config["seed"]))
@@ -90,11 +106,16 @@ class Trainer:
         else:
             self.net = self.model
         self.net.train()
+        # route first, wrap the routed module (route() refuses wrapped models)
+        self.wrapped = self.net
+        if world > 1:
+            ids = [self.device] if self.device.type == "cuda" else None
+            self.wrapped = DistributedDataParallel(self.net, device_ids=ids)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=config["lr"], betas=(0.9, 0.999),
                                      weight_decay=config["weight_decay"])
         self.ema = EMA(self.model, decay=config["ema_decay"]) if ema else None
         self.rf = RectifiedFlow()
-        self.fn = TimeScaled(self.net)
+        self.fn = TimeScaled(self.wrapped)
         self.step = 0
         self.train_time = 0.0
         self._perms: dict[int, torch.Tensor] = {}
@@ -126,10 +147,13 @@ class Trainer:
         return lr * min(1.0, (step + 1) / warm) if warm > 0 else lr
 
     # -- training -----------------------------------------------------------------------
-    def loss(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """The TREAD loss of one batch (the per-element loss goes through ``patchify_loss``)."""
+    def loss(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None,
+             t: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """The TREAD loss of one batch (the per-element loss goes through ``patchify_loss``);
+        ``t`` and ``noise`` are drawn from ``generator`` unless given."""
         cfg = self.config
-        terms = self.rf.loss(self.fn, x, y, generator=generator, reduction="none")
+        terms = self.rf.loss(self.fn, x, y, generator=generator, reduction="none", t=t,
+                             noise=noise)
         per_token = patchify_loss(terms.loss_per_element, cfg["patch"])
         need_masks = self.routes is not None and (cfg["loss"] == "adapted" or cfg["aux_weight"] > 0)
         masks = tread_fx.kept_masks(self.net) if need_masks else []
@@ -151,19 +175,31 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
 
     def train_step(self) -> float:
-        """One optimizer step; returns the loss.  Every draw is a function of (seed, step)."""
+        """One optimizer step; returns the loss (of the global batch).  Every draw is a
+        function of (seed, step); data-parallel, label dropout and token selection also of
+        (rank, world size)."""
         s, seed = self.step, self.config["seed"]
+        rank, world = self.parallel.rank, self.parallel.world
         idx = self.batch_indices(s)
+        gen = torch.Generator().manual_seed(_stream_seed(seed, _NOISE, s))
+        t = noise = None
+        if world > 1:   # this rank's slice of the batch and of its t and noise
+            part = slice(rank * len(idx) // world, (rank + 1) * len(idx) // world)
+            t = self.rf.sample_t(len(idx), self.device, gen)[part]
+            shape = (len(idx), *self.data.train_x.shape[1:])
+            noise = torch.randn(shape, generator=gen, dtype=torch.float32)[part]
+            noise = noise.to(self.device, self.data.train_x.dtype)
+            idx, gen = idx[part], None
         x = self.data.train_x[idx].to(self.device)
         y = self.data.train_y[idx].to(self.device)
-        gen = torch.Generator().manual_seed(_stream_seed(seed, _NOISE, s))
         lr = self.lr_at(s)
         for group in self.opt.param_groups:
             group["lr"] = lr
         devices = [self.device] if self.device.type == "cuda" else []
+        model_seed = _stream_seed(seed, _MODEL, s, *((rank, world) if world > 1 else ()))
         with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(_stream_seed(seed, _MODEL, s))  # label dropout, token selection
-            loss = self.loss(x, y, gen)
+            torch.manual_seed(model_seed)  # label dropout, token selection
+            loss = self.loss(x, y, gen, t, noise)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
         if self.config["grad_clip"] > 0:
@@ -173,7 +209,11 @@ class Trainer:
             n = self.ema.num_updates
             self.ema.update(self.model, decay=min(self.ema.decay, (1 + n) / (10 + n)))
         self.step += 1
-        return float(loss.detach())
+        loss = loss.detach()
+        if world > 1:   # the mean over the global batch, the same on every rank
+            dist.all_reduce(loss, op=dist.ReduceOp.SUM)
+            loss = loss / world
+        return float(loss)
 
     def ema_model(self) -> DiT:
         """A fresh DiT holding the EMA weights (the raw model when there is no EMA)."""
@@ -197,9 +237,12 @@ class Trainer:
             "rng": {
                 "torch": torch.get_rng_state(),
                 "scheme": "per-step streams: data order per epoch, t/noise and global "
-                          "(label dropout, token selection) per step, seeded from (seed, index)",
+                          "(label dropout, token selection) per step, seeded from (seed, index); "
+                          "data-parallel: each rank's slice of the batch, t and noise, and the "
+                          "global stream seeded from (seed, step, rank, world size)",
             },
             "data": self.data.fingerprint(),
+            "world_size": self.parallel.world,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -294,20 +337,33 @@ def _samples(trainer: Trainer, args: argparse.Namespace, sparse_routes: str | No
     return label_rows(grid, names[:rows])
 
 
-def run(args: argparse.Namespace) -> dict:
-    """Train (or continue) a run; returns a summary dict.
+@dataclass
+class Setup:
+    """What :func:`setup` found: the run's folder, checkpoint, settings and step target."""
 
-    Every flag is checked, and the routes parsed against ``--depth``, before the data are
-    loaded or a model is built; the output folder is created only once the run can start,
-    and removed again (if it is new and still empty) when the run fails.
-    """
+    out: Path
+    state: dict | None
+    config: dict
+    steps: int
+    opts: dict
+    sparse_routes: str | None
+
+    @property
+    def ckpt_path(self) -> Path:
+        return self.out / "checkpoint.pt"
+
+
+def setup(args: argparse.Namespace, parallel: Parallel | None = None, *,
+          announce: bool = True) -> Setup:
+    """Every check of the flags and of the checkpoint to resume, before any data are loaded
+    or a model is built (``tread-fx train --nproc`` runs it before it starts processes)."""
     out = check_out(args.out)
-    ckpt_path, metrics_path = out / "checkpoint.pt", out / "metrics.jsonl"
+    ckpt_path = out / "checkpoint.pt"
     state = None
     if args.resume:
         if ckpt_path.exists():
             state = load_checkpoint(ckpt_path)
-        else:
+        elif announce:
             print(f"note: --resume but {ckpt_path} does not exist; starting a new run", file=sys.stderr)
     elif ckpt_path.exists() and not args.overwrite:
         raise TrainError(f"{out} already holds a run (checkpoint.pt); pass --resume to continue "
@@ -318,13 +374,35 @@ def run(args: argparse.Namespace) -> dict:
     opts.update({k: getattr(args, k) for k in RUN_DEFAULTS if getattr(args, k, None) is not None})
     check_config(config)
     _check_run_flags(args, steps, opts)
-    sparse_routes = _sampling_routes(config, args.guidance)
+    world = (parallel or Parallel()).world
+    if config["batch"] % world:
+        given = "the checkpoint's --batch" if state is not None else "--batch"
+        raise UsageError(f"{given} {config['batch']} is the global batch and must split evenly "
+                         f"over {world} processes; use a number of processes that divides it")
+    return Setup(out, state, config, steps, opts, _sampling_routes(config, args.guidance))
+
+
+def run(args: argparse.Namespace, parallel: Parallel | None = None,
+        device: torch.device | str = "cpu") -> dict:
+    """Train (or continue) a run; returns a summary dict.
+
+    Every flag is checked, and the routes parsed against ``--depth``, before the data are
+    loaded or a model is built; the output folder is created only once the run can start,
+    and removed again (if it is new and still empty) when the run fails.  With ``parallel``
+    (the process group initialised) this is one rank of a data-parallel run: rank 0 prints,
+    evaluates and writes; the other ranks only train.
+    """
+    par = parallel or Parallel()
+    found = setup(args, par, announce=par.main)
+    out, state, config, steps, opts = found.out, found.state, found.config, found.steps, found.opts
+    ckpt_path, metrics_path = found.ckpt_path, out / "metrics.jsonl"
+    say = status if par.main else (lambda message: None)
     if args.threads:
         torch.set_num_threads(args.threads)
 
     if config["data"] is not None:
         config["data"] = os.path.abspath(config["data"])
-    status("loading the data ...")
+    say("loading the data ...")
     data = load_data(config["data"], patch=config["patch"], image_size=config["image_size"],
                      holdout=config["holdout"], kind=config["data_kind"])
     c, h, w = data.shape
@@ -332,60 +410,70 @@ def run(args: argparse.Namespace) -> dict:
     where = f"{tokens} tokens: {h}x{w} {data.kind} with --patch {config['patch']}"
     check_route_tokens(resolve_routes(config["routes"], config["depth"]), config["depth"],
                        tokens, where)
-    check_route_tokens(sparse_routes, config["depth"], tokens, where)
-    print(f"data   {data.describe()}", file=sys.stderr)
-    status("building and routing the model ...")
-    trainer = Trainer(config, data)
+    check_route_tokens(found.sparse_routes, config["depth"], tokens, where)
+    say(f"data   {data.describe()}")
+    say("building and routing the model ...")
+    trainer = Trainer(config, data, device=device, parallel=par)
     if state is not None and state["data"] != data.fingerprint():
         raise TrainError(f"{ckpt_path}: the data differ from the data the run was trained "
                          f"on ({state['data']['source']}); a resumed run needs the same data")
     n_params = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     routes = trainer.routes or "none (dense)"
-    print(f"model  DiT depth {config['depth']} width {config['hidden']} patch {config['patch']} "
-          f"({trainer.model.x_embedder.num_patches} tokens, {n_params / 1e6:.2f}M params), "
-          f"routes {routes}, loss {config['loss']}", file=sys.stderr)
+    ranks = f", {par.world} processes (DDP, batch {config['batch'] // par.world} each)" \
+        if par.world > 1 else ""
+    say(f"model  DiT depth {config['depth']} width {config['hidden']} patch {config['patch']} "
+        f"({trainer.model.x_embedder.num_patches} tokens, {n_params / 1e6:.2f}M params), "
+        f"routes {routes}, loss {config['loss']}{ranks}")
 
-    with output_folder(out):
-        for stale in out.glob(".checkpoint.pt.*.tmp"):  # left by a run killed while saving
-            stale.unlink(missing_ok=True)
+    with output_folder(out) if par.main else contextlib.nullcontext(out):
+        if par.main:
+            for stale in out.glob(".checkpoint.pt.*.tmp"):  # left by a run killed while saving
+                stale.unlink(missing_ok=True)
+        records, wall0 = [], 0.0
         if state is not None:
             trainer.load_state_dict(state)
-            records = truncate_metrics(metrics_path, trainer.step)
-            wall0 = max([r.get("wall_s", 0.0) for r in records] + [trainer.train_time])
-            print(f"resume step {trainer.step} -> {steps} from {ckpt_path}", file=sys.stderr)
+            if par.main:
+                records = truncate_metrics(metrics_path, trainer.step)
+                wall0 = max([r.get("wall_s", 0.0) for r in records] + [trainer.train_time])
+            was = state.get("world_size", 1)
+            now = f" on {par.world} process(es), saved by {was}" if was != par.world else ""
+            say(f"resume step {trainer.step} -> {steps} from {ckpt_path}{now}")
             if trainer.step > steps:
-                print(f"note: the run is already at step {trainer.step} > --steps {steps}; only "
-                      f"the samples and the plot are written again", file=sys.stderr)
-        else:
+                say(f"note: the run is already at step {trainer.step} > --steps {steps}; only "
+                    f"the samples and the plot are written again")
+        elif par.main:
             for name in ("metrics.jsonl", "samples.png", "loss.png"):
                 (out / name).unlink(missing_ok=True)
-            records, wall0 = [], 0.0
-        summary = _train(trainer, args, out, records, wall0, steps, opts, sparse_routes)
+        summary = _train(trainer, args, out, records, wall0, steps, opts, found.sparse_routes)
     return summary
 
 
 def _train(trainer: Trainer, args: argparse.Namespace, out: Path, records: list[dict], wall0: float,
            steps: int, opts: dict, sparse_routes: str | None) -> dict:
-    """The training loop, the final evaluation, samples and plot of :func:`run`."""
+    """The training loop, the final evaluation, samples and plot of :func:`run` (the
+    evaluations, samples, plot and every file on rank 0 only)."""
     config, data = trainer.config, trainer.data
+    main = trainer.parallel.main
     ckpt_path, metrics_path = out / "checkpoint.pt", out / "metrics.jsonl"
     log_every, ckpt_every, eval_every = opts["log_every"], opts["ckpt_every"], opts["eval_every"]
-    evalset = EvalSet(data)
+    evalset = EvalSet(data) if main else None
     start_wall = time.perf_counter()
     ran = 0
     acc_loss, acc_n, acc_time = 0.0, 0, 0.0
     last_loss = float("nan")
-    with open(metrics_path, "a") as mf:
+    with open(metrics_path, "a") if main else contextlib.nullcontext() as mf:
         def emit(rec: dict) -> None:
             records.append(rec)
-            mf.write(json.dumps(rec) + "\n")
-            mf.flush()
+            if main:
+                mf.write(json.dumps(rec) + "\n")
+                mf.flush()
 
         def save() -> None:
-            save_checkpoint(ckpt_path, dict(trainer.state_dict(), run_options=opts))
+            if main:
+                save_checkpoint(ckpt_path, dict(trainer.state_dict(), run_options=opts))
 
         bar = progress_bar(steps, initial=min(trainer.step, steps), desc="training",
-                           enabled=not args.no_progress)
+                           enabled=main and not args.no_progress)
         try:
             while trainer.step < steps:
                 t0 = time.perf_counter()
@@ -408,12 +496,14 @@ def _train(trainer: Trainer, args: argparse.Namespace, out: Path, records: list[
                           "lr": trainer.lr_at(s - 1)})
                     bar.set_postfix(loss=f"{last_loss:.4f}", steps_per_s=f"{sps:.2f}", refresh=False)
                     acc_loss, acc_n, acc_time = 0.0, 0, 0.0
-                if eval_every and s % eval_every == 0 and s != steps:
+                if main and eval_every and s % eval_every == 0 and s != steps:
                     emit(_eval_record(trainer, evalset, wall))
                 if s % ckpt_every == 0 or s == steps:
                     save()
         finally:
             bar.close()
+        if not main:   # the other ranks are done: rank 0 evaluates, samples and plots
+            return {"out": str(out), "step": trainer.step, "steps_run": ran}
         if not any(r.get("kind") == "eval" and r.get("step") == trainer.step for r in records):
             emit(_eval_record(trainer, evalset, wall0 + time.perf_counter() - start_wall))
     if ran == 0 and not ckpt_path.exists():
@@ -444,6 +534,19 @@ def _train(trainer: Trainer, args: argparse.Namespace, out: Path, records: list[
 
 def main(args: argparse.Namespace) -> int:
     """``tread-fx train``; a :class:`~tread_fx.tools.errors.UsageError` (``TrainError`` and
-    ``DataError`` are ones) propagates to ``tread_fx.tools.cli.main``, which prints it."""
-    run(args)
+    ``DataError`` are ones) propagates to ``tread_fx.tools.cli.main``, which prints it.
+
+    ``--nproc N`` (N > 1) starts N data-parallel processes; a process torchrun started is
+    one rank of such a run (:mod:`.train_distributed`)."""
+    from . import train_distributed
+
+    nproc = getattr(args, "nproc", None)
+    if nproc is not None and nproc < 1:
+        raise UsageError(f"--nproc must be >= 1; got {nproc}")
+    if launched_by_torchrun() and nproc is None:
+        train_distributed.worker(args)
+    elif nproc is not None and nproc > 1:
+        return train_distributed.main(args)
+    else:
+        run(args)
     return 0

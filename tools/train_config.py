@@ -64,6 +64,13 @@ order (a permutation per epoch), ``t`` and the noise (a generator per step), lab
 and token selection (torch's global generator, reseeded per step inside ``fork_rng``).  So a
 run killed after a checkpoint and resumed with ``--resume`` ends with the same parameters,
 bit for bit, as one that was never interrupted.
+
+Data parallel: ``--nproc N`` (or ``torchrun --nproc-per-node N -m tread_fx.tools.cli train``)
+trains on N processes with DistributedDataParallel; rank ``r`` takes the ``r``-th slice of
+each step's batch and of its ``t`` and noise, so the data seen are those of a one-process
+run; label dropout and token selection draw from a stream of ``(--seed, s, r, N)``.  Rank 0
+evaluates and writes every file; the checkpoint is the one-process checkpoint, so a run
+resumes at any number of processes.  A rank that fails ends the job with its error.
 """
 
 CONVERGENCE_HELP = """\
@@ -192,6 +199,11 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                         f"(default {RUN_DEFAULTS['eval_every']})")
     g.add_argument("--no-progress", action="store_true",
                    help="no progress bars (the status lines of the slow phases stay)")
+    g.add_argument("--nproc", type=int, default=None, metavar="N",
+                   help="train data-parallel (DistributedDataParallel) on N local processes, "
+                        "one per GPU when there are GPUs (nccl), else on the CPU (gloo); "
+                        "--batch is the global batch, split evenly.  Under torchrun leave it "
+                        "out: the ranks torchrun starts are used")
     g = p.add_argument_group("samples")
     g.add_argument("--sample-steps", type=int, default=40, help="Euler steps (default 40)")
     g.add_argument("--samples-per-class", type=int, default=10, help="grid columns (default 10)")

@@ -30,6 +30,7 @@ def select_tokens(
     fixed: tuple[int, int] = (0, 0),
     shared: bool = False,
     axes: tuple[int, int] = (0, 1),
+    shard: tuple[int, int] = (0, 1),
 ) -> torch.Tensor:
     """Indices ``[B, kept]`` of the tokens that stay in the route, drawn uniformly per sample.
 
@@ -41,6 +42,11 @@ def select_tokens(
     no batch axis).  With ``keep_order`` the indices are sorted, so kept tokens keep their
     original order; when every token is kept the draw is skipped and the indices are
     ``0..N-1``, which leaves the random number stream untouched.
+
+    ``shard`` is ``(rank, world_size)`` under data parallelism: the noise is drawn for the
+    batch of all ``world_size`` ranks and this rank keeps its own rows, so ranks that share
+    a random state (the same seed) draw different tokens, and together exactly the tokens
+    one process draws for the concatenated batch.
     """
     batch_axis, token_axis = axes
     batch, num_tokens = x.shape[batch_axis], x.shape[token_axis]
@@ -50,7 +56,12 @@ def select_tokens(
     if kept == routable and keep_order:
         return torch.arange(num_tokens, device=x.device).expand(batch, num_tokens)
     rows = 1 if shared else batch
-    if generator is None:
+    rank, world = shard
+    if world > 1:
+        dtype = torch.float32 if generator is None else torch.get_default_dtype()
+        noise = torch.rand(rows * world, routable, device=x.device, dtype=dtype,
+                           generator=generator)[rank * rows:(rank + 1) * rows]
+    elif generator is None:
         # rand_like of a [rows, routable] view: exports to ONNX (RandomUniformLike)
         view = x.movedim(axes, (0, 1)) if axes != (0, 1) else x
         base = (view.flatten(2)[..., 0] if view.dim() > 2 else view)[:rows, head:head + routable]
@@ -68,6 +79,16 @@ def select_tokens(
                      .expand(indices.shape[0], tail))
     indices = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
     return indices.expand(batch, -1) if shared else indices
+
+
+def _data_parallel_shard() -> tuple[int, int]:
+    """``(rank, world_size)`` of the default process group; ``(0, 1)`` outside one.
+
+    Constant under torch.compile and export (Dynamo folds these calls).
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
 
 
 def _expand_index(indices: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -294,7 +315,8 @@ class TokenSelector(nn.Module):
         shared = self.shared if shared is None else shared
         axes = self.axes if axes is None else axes
         indices = select_tokens(x, self.selection_ratio, self.keep_order,
-                                self._generator(x.device), self.label, fixed, shared, axes)
+                                self._generator(x.device), self.label, fixed, shared, axes,
+                                _data_parallel_shard())
         num_tokens = x.shape[axes[1]]
         if not torch.compiler.is_exporting():   # export keeps no module state
             self.last_indices, self.last_num_tokens = indices, num_tokens
