@@ -24,6 +24,16 @@ _EXTRA_ATTRS = ("block_chain", "route_spec", "front_end", "input_shapes", "baked
 MAX_VARIANTS = 16
 # Re-traces after which a warning says what keeps changing.
 WARN_AFTER = 8
+# Bumped whenever any module anywhere gets a submodule (setattr, add_module): a routed
+# module then looks whether its own tree changed (adapters added after route(), say).
+_STRUCTURE = [0]
+
+
+def _structure_changed(module: nn.Module, name: str, submodule: Any) -> None:
+    _STRUCTURE[0] += 1
+
+
+torch.nn.modules.module.register_module_module_registration_hook(_structure_changed)
 
 
 class Variant:
@@ -145,8 +155,43 @@ class TreadGraphModule(fx.GraphModule):
         self.__dict__["_guard"] = guard
         self.__dict__["_variants"] = OrderedDict()
         self.__dict__["retraces"] = 0
+        self._remember_structure()
         if example is not None:
             self._tread_example = example
+
+    # -- the module tree changing after route() -------------------------------------------
+    def _tree(self) -> tuple:
+        model = self.__dict__.get("_tread_model")
+        return (tuple((n, id(m)) for n, m in self._modules.items() if n != "_tread"),
+                () if model is None else tuple((n, id(m)) for n, m in model.named_modules()))
+
+    def _remember_structure(self) -> None:
+        self.__dict__["_structure"] = self._tree()
+        self.__dict__["_structure_version"] = _STRUCTURE[0]
+
+    def _sync_structure(self) -> None:
+        """After a module of the tree was replaced (LoRA adapters injected into the routed
+        module or into the model, a layer swapped): make the routed module and the model
+        hold the same children again and drop the cached graphs, which baked the old
+        modules' code in; the next call traces the model as it is now."""
+        self.__dict__["_structure_version"] = _STRUCTURE[0]
+        saved = self.__dict__.get("_structure")
+        if saved is None or self._tree() == saved:
+            return
+        model = self._tread_model
+        before = dict(saved[0])
+        for name, child in list(self._modules.items()):   # replaced on the routed module
+            if name != "_tread" and id(child) != before.get(name):
+                model._modules[name] = child
+        tread = self._modules.pop("_tread")
+        for name in [n for n in self._modules if n not in model._modules]:
+            del self._modules[name]
+        for name, child in model._modules.items():        # replaced on the model
+            if name != "_tread":
+                self._modules[name] = child
+        self._modules["_tread"] = tread
+        self._variants.clear()
+        self._remember_structure()
 
     def _add_variant(self, graph: fx.Graph, mode: str, guards, key: tuple | None,
                      call: dict | None, check=None) -> Variant:
@@ -173,6 +218,8 @@ class TreadGraphModule(fx.GraphModule):
 
     def _dispatch(self, *args: Any, **kwargs: Any) -> Any:
         guard = self.__dict__.get("_guard")
+        if guard is not None and self.__dict__.get("_structure_version") != _STRUCTURE[0]:
+            self._sync_structure()
         if guard is None:   # a graph the user traced: one graph for every call
             if self.training:
                 return self._train_forward(*args, **kwargs)
@@ -278,6 +325,7 @@ class TreadGraphModule(fx.GraphModule):
         res.__dict__.update(_tread_model=model, _guard=guard, retraces=self.retraces,
                             _variants=OrderedDict((k, list(v))
                                                   for k, v in self._variants.items()))
+        res._remember_structure()
 
     def _replicate_for_data_parallel(self) -> "TreadGraphModule":
         # Like nn.Module's: the replica gets its own dicts, which replicate() fills.
