@@ -12,8 +12,8 @@ from typing import Any, Collection, Mapping, Sequence
 from torch import fx, nn
 
 from .insert_routes import TREAD_META
-from .token_axes import TokenAxisError
-from .trace import frozen_state, shape_tree
+from .token_axes import TokenAxisError, probed
+from .trace import frozen_state
 
 __all__ = ["RoutingSafetyError", "check_routes"]
 
@@ -51,10 +51,10 @@ def check_routes(routed: nn.Module, args: Sequence[Any],
             try:
                 result = super().run_node(n)
                 if n in dense_shapes and n not in inside and \
-                        shape_tree(result) != dense_shapes[n]:
+                        probed(result) != dense_shapes[n]:
                     source = [a for a in n.all_input_nodes if a in inside]
                     raise TokenAxisError(
-                        f"{n.name!r} has shape {shape_tree(result)} when the model is routed "
+                        f"{n.name!r} has shape {probed(result)} when the model is routed "
                         f"but {dense_shapes[n]} dense: it is computed outside the routes "
                         f"from a value that carries only the kept tokens"
                         f"{f' ({source[0].name!r})' if source else ''}. A block output other "

@@ -160,6 +160,66 @@ def _outputs(node: fx.Node) -> list[tuple[int | None, fx.Node]]:
     return outs
 
 
+# Operations through which a block's output still is the stream the next block takes, when
+# applied to it as their first operand: a residual injection (x + hint), a gate (x * g),
+# casts.  Anything else between two blocks (a concatenation, a reshape) ends the chain.
+_STREAM_OPS = {"add", "sub", "mul", "to", "type_as", "float", "contiguous"}
+
+
+_CASTS = {"to", "type_as", "float", "contiguous"}
+
+
+def _carries_stream(user: fx.Node, value: fx.Node) -> bool:
+    """Whether ``user`` passes the stream ``value`` on: a cast of it, or an addition /
+    product of it with a value that was not computed before it on its way here (a hint
+    made elsewhere, or a branch computed from it); ``branch(x) + x`` passes ``x`` on, not
+    ``branch(x)``, so a residual branch (WanAnimate's face adapter) is not a block of the
+    chain."""
+    if user.op not in ("call_function", "call_method") or value not in user.args:
+        return False
+    name = (user.target if user.op == "call_method" else
+            getattr(user.target, "__name__", "").split(".")[0]).rstrip("_")
+    if name in _CASTS:
+        return user.args[0] is value
+    if name not in _STREAM_OPS:
+        return False
+    others = [a for a in user.all_input_nodes if a is not value]
+    return not any(_depends_on(value, other) for other in others)
+
+
+def _is_branch(call: fx.Node) -> bool:
+    """Whether a block's output is added to (or multiplied with) a value it was computed
+    from: ``x + branch(x)``, the output a residual branch, not the stream."""
+    todo = [value for _, value in _outputs(call)]
+    while todo:
+        value = todo.pop()
+        for user in value.users:
+            name = (user.target if user.op == "call_method" else
+                    getattr(user.target, "__name__", "").split(".")[0]).rstrip("_")
+            if user.op not in ("call_function", "call_method"):
+                continue
+            if name in _CASTS and user.args and user.args[0] is value:
+                todo.append(user)
+            elif name in _STREAM_OPS and any(_depends_on(call, other) for other in
+                                             user.all_input_nodes if other is not value):
+                return True
+    return False
+
+
+def _depends_on(node: fx.Node, other: fx.Node, limit: int = 20000) -> bool:
+    """Whether ``node`` is computed from ``other``."""
+    seen, todo = set(), [node]
+    while todo and len(seen) < limit:
+        n = todo.pop()
+        if n is other:
+            return True
+        if n in seen:
+            continue
+        seen.add(n)
+        todo.extend(n.all_input_nodes)
+    return False
+
+
 def _edge_key(keys: set, hidden: ArgKey | None) -> tuple | None | str:
     """The (output index, argument, name) that carries the hidden state along one edge."""
     if hidden is not None:
@@ -195,11 +255,19 @@ def find_block_chain(graph: fx.Graph, groups: list[CandidateGroup],
     for block in calls:
         edges: dict[fx.Node, set] = {}
         for out_index, value in _outputs(block):
-            for user in value.users:
-                if user in call_set:
-                    names = _param_names(root.get_submodule(user.target)) if root else []
-                    edges.setdefault(user, set()).update(
-                        (out_index, key, name) for key, name in _arg_keys(user, value, names))
+            # the output reaches the next block directly, or through per-token operations
+            # applied to it (WanVACE adds a control hint between blocks: x = x + hint * s)
+            todo, seen = [value], set()
+            while todo:
+                v = todo.pop()
+                for user in v.users:
+                    if user in call_set:
+                        names = _param_names(root.get_submodule(user.target)) if root else []
+                        edges.setdefault(user, set()).update(
+                            (out_index, key, name) for key, name in _arg_keys(user, v, names))
+                    elif user not in seen and _carries_stream(user, v):
+                        seen.add(user)
+                        todo.append(user)
         for user, keys in edges.items():
             key = _edge_key(keys, hidden)
             if key == "ambiguous":
@@ -209,6 +277,9 @@ def find_block_chain(graph: fx.Graph, groups: list[CandidateGroup],
                                  f"({streams})")
             elif key is not None:
                 dag.add_edge(block, user, key=key)
+    # A residual branch (x + face_adapter(x)) is not a block of the chain, even where its
+    # input edge makes it the last one
+    dag.remove_nodes_from([c for c in calls if _is_branch(c)])
     # A block of another kind joins a chain only through the argument the blocks of that
     # kind pass the stream on with (a text refiner's output entering the main blocks as
     # their encoder_hidden_states is not the stream the main blocks carry).

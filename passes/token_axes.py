@@ -40,6 +40,7 @@ from torch import fx
 from tread_fx.spec import Route
 
 from .find_blocks import BlockChain
+from .trace import assign_index
 from .trace import shape_tree
 
 __all__ = ["RoutePlan", "SideInput", "TokenAxisError", "fixed_rows", "plan_routes",
@@ -83,9 +84,18 @@ class RoutePlan:
 
 # -- shapes -----------------------------------------------------------------------------
 
+def probed(value: Any) -> Any:
+    """What :func:`probe_shapes` keeps of a value: a tensor's shape (nested like the value),
+    and a number computed in the graph (a length, a slice bound) as itself."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    return shape_tree(value)
+
+
 def probe_shapes(module: torch.nn.Module, graph: fx.Graph, args: Sequence[Any],
                  constants: Mapping[str, torch.Tensor]) -> dict[fx.Node, Any]:
-    """Shapes of every node of ``graph`` when ``module``'s modules run it on ``args``.
+    """Shapes of every node of ``graph`` when ``module``'s modules run it on ``args``
+    (for a node that computes a Python int: the int).
 
     The caller is responsible for freezing the model's state (modes, buffers, RNG).
     """
@@ -99,7 +109,7 @@ def probe_shapes(module: torch.nn.Module, graph: fx.Graph, args: Sequence[Any],
 
         def run_node(self, n):
             result = super().run_node(n)
-            shapes[n] = shape_tree(result)
+            shapes[n] = probed(result)
             return result
 
     with torch.no_grad():
@@ -387,6 +397,21 @@ _ATTENTION = {"scaled_dot_product_attention", "_scaled_dot_product_flash_attenti
               "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention"}
 
 
+# Ops that write rows at positions held in a tensor (index_copy(x, 1, idx, src)).
+_ROW_PLACING = {"index_copy", "index_add", "index_put", "scatter", "scatter_add",
+                "scatter_reduce", "masked_scatter", "index_fill", "put"}
+
+
+def _places_rows(node: fx.Node, token_axis: int, rank: int) -> bool:
+    """Whether a row-placing op may write along the token axis (it has no ``dim``, or
+    its ``dim`` is the token axis)."""
+    dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+    if _op_name(node).rstrip("_") in ("index_put", "masked_scatter", "put") or \
+            not isinstance(dim, int):
+        return True
+    return dim % rank == token_axis
+
+
 def _op_name(node: fx.Node) -> str:
     if node.op == "call_method":
         return node.target
@@ -447,6 +472,76 @@ def _cat_dim(node: fx.Node) -> Any:
     return None
 
 
+def _written_rows(node: fx.Node, before: list[list[bool]], shapes: Mapping,
+                  image: set[fx.Node], token_axis: int, rank: int) -> list[list[bool]]:
+    """Per sample, per row, image or not, after ``x[index] = value`` (the concrete
+    tracer's ``assign_index``): the rows the index selects on the token axis take the
+    value's layout (models that build a joint stream sample by sample write
+    ``x[i, :t] = text[i]``, ``x[i, t:] = image[i]``).  An index tread_fx cannot read (a
+    tensor index) is refused."""
+    _, index, value = node.args[:3]
+    n = shapes[node][token_axis]
+    batch_axis = 1 - token_axis if token_axis in (0, 1) else 0
+    batch = shapes[node][batch_axis]
+    index = index if isinstance(index, tuple) else (index,)
+    if any(i is Ellipsis for i in index) or len(index) > rank:
+        raise TokenAxisError(f"{node.name!r} writes into the blocks' stream with index "
+                             f"{index}, whose rows tread_fx cannot read; pass "
+                             f"prefix_tokens=<count> to route()")
+
+    def known(v):   # a bound computed in the graph: its value on the example
+        got = shapes.get(v) if isinstance(v, fx.Node) else v
+        return got if isinstance(got, int) and not isinstance(got, bool) else v
+
+    def select(i, size):
+        if isinstance(i, slice):
+            i = slice(known(i.start), known(i.stop), known(i.step))
+        else:
+            i = known(i)
+        if i is None or (isinstance(i, slice) and i == slice(None)):
+            return list(range(size)), True
+        if isinstance(i, int) and not isinstance(i, bool):
+            return [i % size], False
+        if isinstance(i, slice) and all(v is None or (isinstance(v, int) and not isinstance(
+                v, bool)) for v in (i.start, i.stop, i.step)):
+            return list(range(size))[i], True
+        raise TokenAxisError(f"{node.name!r} writes into the blocks' stream with index "
+                             f"{index}, whose rows tread_fx cannot read; pass "
+                             f"prefix_tokens=<count> to route()")
+
+    full = index + (slice(None),) * (rank - len(index))
+    samples, _ = select(full[batch_axis], batch)
+    written, kept_axis = select(full[token_axis], n)
+    # the value's own token axis: the dims the index keeps, before the token axis
+    kept_before = sum(1 for d, i in enumerate(full[:token_axis]) if not isinstance(i, int))
+    flags = [list(f) for f in before]
+    value_flags = _value_rows(value, shapes, image, kept_before if kept_axis else None,
+                              len(written))
+    for b in samples:
+        for row, flag in zip(written, value_flags):
+            flags[b][row] = flag
+    return flags
+
+
+def _value_rows(value: Any, shapes: Mapping, image: set[fx.Node], axis: int | None,
+                length: int) -> list[bool]:
+    """Per row of ``value`` along ``axis``: computed from the image input or not."""
+    if not isinstance(value, fx.Node):
+        return [False] * length
+    dim = _cat_dim(value)
+    shape = shapes.get(value)
+    if axis is not None and dim is not None and isinstance(shape, tuple) and \
+            dim % len(shape) == axis:
+        out: list[bool] = []
+        for part in value.args[0]:
+            part_shape = shapes.get(part)
+            size = part_shape[axis] if isinstance(part_shape, tuple) else 0
+            out += _value_rows(part, shapes, image, axis, size)
+        if len(out) == length:
+            return out
+    return [value in image] * length
+
+
 def fixed_rows(graph: fx.Graph, chain_input: fx.Node, shapes: Mapping | None,
                token_axis: int = 1, streams: Mapping[fx.Node, tuple[Any, Any]] | None = None
                ) -> tuple[int, int] | None:
@@ -494,6 +589,21 @@ def fixed_rows(graph: fx.Graph, chain_input: fx.Node, shapes: Mapping | None,
             result = parts
         elif node.op in ("placeholder", "get_attr"):
             result = whole
+        elif _op_name(node).rstrip("_") in _ROW_PLACING and node in image and \
+                _places_rows(node, token_axis, rank):
+            raise TokenAxisError(
+                f"{node.name!r} ({_op_name(node)}) places rows of the blocks' stream at "
+                f"positions given by an index tensor, so which rows are image tokens depends "
+                f"on input values that tread_fx does not read. Pass prefix_tokens=<count> to "
+                f"route() if the image rows always come after that many other rows")
+        elif node.op == "call_function" and node.target is assign_index:
+            flags = per_sample(node)
+            if any(f != flags[0] for f in flags[1:]):
+                raise TokenAxisError(
+                    f"{node.name!r}: the samples' streams are laid out differently (text of "
+                    f"different lengths?); which rows are image tokens differs per sample. "
+                    f"Pass prefix_tokens=<count> to route()")
+            result = [(1, f) for f in flags[0]]
         else:
             aligned = [i for i in node.all_input_nodes if isinstance(shapes.get(i), tuple)
                        and len(shapes[i]) == rank and shapes[i][token_axis] == shape[token_axis]]
@@ -512,6 +622,18 @@ def fixed_rows(graph: fx.Graph, chain_input: fx.Node, shapes: Mapping | None,
                 merged.append((length, is_image))
         memo[node] = merged
         return merged
+
+    def per_sample(node: fx.Node) -> list[list[bool]]:
+        """Per sample, per row: image or not, for a tensor written into by assign_index."""
+        base = node.args[0]
+        if isinstance(base, fx.Node) and base.op == "call_function" and \
+                base.target is assign_index:
+            before = per_sample(base)
+        else:
+            layout = rows(base) or [(shapes[node][token_axis], base in image)]
+            batch = shapes[node][1 - token_axis if token_axis in (0, 1) else 0]
+            before = [[f for length, f in layout for _ in range(length)]] * batch
+        return _written_rows(node, before, shapes, image, token_axis, rank)
 
     layout = rows(chain_input) or [(shapes[chain_input][token_axis], True)]
     if len(layout) == 1:
@@ -601,6 +723,9 @@ def plan_routes(graph: fx.Graph, chain: BlockChain, routes: Sequence[Route],
                     f"route do not carry one token stream (the chain joins two kinds of "
                     f"blocks). Route blocks on one side of {span[0].target!r}.."
                     f"{span[-1].target!r}, or name the container with blocks='<path>'")
+        if hidden is not None:
+            _refuse_token_counts(span, shapes, root, annotations, used, routes.index(route),
+                                 route, plan.tokens, plan.tokens - fixed[0] - fixed[1])
         seen: dict[fx.Node, SideInput] = {}
         for block in [n for n in graph.nodes if n in inside]:
             is_block = block in span
@@ -665,6 +790,33 @@ def plan_routes(graph: fx.Graph, chain: BlockChain, routes: Sequence[Route],
             f"routed blocks receive from outside their route; they take: {takes}. Name an "
             f"argument by its name in the block's forward or its position")
     return plans
+
+
+def _refuse_token_counts(span: Sequence[fx.Node], shapes: Mapping, root, annotations: Mapping,
+                         used: set, index: int, route: Route, tokens: int,
+                         routable: int) -> None:
+    """A routed block told the token count as a number (``original_context_length=N``)
+    would compute with the dense count on the kept tokens: refused, unless ``token_inputs``
+    says the argument is not per-token."""
+    from .find_blocks import _param_names
+    for block in span:
+        names = _param_names(root.get_submodule(block.target)) if root else []
+        for arg, value in _items(block.args, block.kwargs):
+            number = shapes.get(value) if isinstance(value, fx.Node) else value
+            if isinstance(number, bool) or not isinstance(number, int) or \
+                    number not in {tokens, routable} or number < 2:
+                continue
+            key = names[int(arg)] if arg.isdigit() and int(arg) < len(names) else arg
+            if key in annotations or arg in annotations:
+                used.add(key if key in annotations else arg)
+                continue
+            raise TokenAxisError(
+                f"route {index} ({route}): block {block.target!r} gets the number {number} "
+                f"as argument {key!r}, the count of its {'' if number == tokens else 'image '}"
+                f"tokens; inside the route it sees {'fewer' if routable else 'other'} tokens "
+                f"and would compute with the dense count (e.g. split the stream at the wrong "
+                f"row). Route other blocks, or if the number does not count tokens, say so "
+                f"with token_inputs={{{key!r}: None}}")
 
 
 def side_outputs(span: Sequence[fx.Node], chain: BlockChain) -> set[fx.Node]:

@@ -8,11 +8,14 @@ must return, without any of tread_fx's graph passes or runtime nodes:
   (a) inside the blocks of a route patches ``torch.nn.functional.scaled_dot_product_attention``
   so that no query attends to a dropped key.  Where the block's tokens sit in each
   attention's key sequence is measured (``joint="auto"``, the default): the block is run
-  three more times (no grad, same random state) with one token of its hidden input
-  changed, and the key rows that change locate the tokens (offset 0 for a self-attention
+  three more times (no grad, same random state, every attention call returning zeros so
+  that attention mixes no tokens) with one token of its hidden input changed, and the key
+  rows that change locate the tokens (offset 0 for a self-attention
   over the tokens, ``T`` when another stream's ``T`` tokens come first, none for an
   attention whose keys do not come from the tokens); a key row that depends on several
-  tokens (a convolution before the attention) makes the reference refuse.  ``joint=
+  tokens (a convolution before the attention) makes the reference refuse.  Attention calls
+  between the blocks of a route (a residual adapter running on the stream there) are masked
+  when their keys are exactly the route's tokens.  ``joint=
   "text_first"`` / ``"image_first"`` instead read the position from the sequence lengths
   (a joint attention over ``N + T`` keys, cross-attentions of other lengths left alone);
   (b) after every block of a route resets the dropped tokens to the values they had when
@@ -76,22 +79,34 @@ def _hidden_of(args: tuple, kwargs: dict) -> torch.Tensor:
     return kwargs[key] if isinstance(key, str) else args[key]
 
 
+def _token_axis(x: torch.Tensor, batch: int, name: str) -> int:
+    """1 for a ``[B, N, ...]`` stream, 0 for a sequence-first ``[N, B, ...]`` one."""
+    if x.dim() >= 2 and x.shape[0] == batch and x.shape[1] != batch:
+        return 1
+    if x.dim() >= 2 and x.shape[1] == batch and x.shape[0] != batch:
+        return 0
+    raise RuntimeError(f"{name}: which axis of its hidden input {tuple(x.shape)} holds the "
+                       f"{batch} samples is ambiguous: cannot verify")
+
+
 def _changed_rows(a: torch.Tensor, b: torch.Tensor) -> set[int]:
     diff = (a.float() - b.float()).abs().movedim(-2, 0).reshape(a.shape[-2], -1)
     return set(torch.nonzero(diff.amax(dim=1) > 0).flatten().tolist())
 
 
-def _key_offsets(block: nn.Module, args: tuple, kwargs: dict, probe: list, name: str
-                 ) -> list[int | None]:
+def _key_offsets(block: nn.Module, args: tuple, kwargs: dict, probe: list, name: str,
+                 axis: int = 1) -> list[int | None]:
     """Per attention call of ``block``: where its input tokens sit among the keys.
 
     Runs the block on its real input and on two copies with one token changed (the last,
-    then the first), recording every attention call's keys (``probe`` collects them), and
-    reads which key rows changed.  ``None``: the call's keys do not come from the tokens.
+    then the first), recording every attention call's keys (``probe`` collects them; the
+    attention calls return zeros meanwhile, so attention mixes no tokens and the rows stay
+    aligned), and reads which key rows changed.  ``None``: the call's keys do not come
+    from the tokens.
     """
     key = _hidden_key(args, kwargs)
     x = _hidden_of(args, kwargs)
-    n = x.shape[1]
+    n = x.shape[axis]
     runs = []
     with torch.no_grad(), torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):
         state = torch.random.get_rng_state()
@@ -100,7 +115,7 @@ def _key_offsets(block: nn.Module, args: tuple, kwargs: dict, probe: list, name:
             probe.clear()
             xj = x.detach().clone()
             if j is not None:
-                xj[:, j] += 1.0
+                xj.select(axis, j).add_(1.0)
             a, k = _with_hidden(args, kwargs, key, xj)
             block(*a, **k)
             runs.append(list(probe))
@@ -179,13 +194,18 @@ def masked_reference(model: nn.Module, inputs: Any, blocks: Sequence[nn.Module],
     # far; masked: how many were masked; offsets: per call, where its tokens sit in the
     # keys (auto); probe: a list while a block is probed (records keys, masks nothing)
     state: dict[str, Any] = {"keep": None, "calls": 0, "masked": 0, "offsets": None,
-                             "probe": None}
+                             "probe": None, "per_sample": 0, "in_block": False}
     entering: dict[int, torch.Tensor] = {}          # route -> tensor entering it
-    masks: dict[int, torch.Tensor] = {}
+    masks: dict[int, torch.Tensor] = {}             # route -> [B, N] kept mask
+    axes: dict[int, int] = {}                       # route -> token axis of the stream
 
     original_sdpa = F.scaled_dot_product_attention
 
     def allowed_keys(keep: torch.Tensor, q_len: int, k_len: int) -> torch.Tensor | None:
+        if not state["in_block"]:
+            # between the blocks of a route (an adapter that runs on the stream there):
+            # an attention over exactly the tokens sees the kept ones only
+            return keep if k_len == keep.shape[1] else None
         if state["offsets"] is None:
             return _key_mask(keep, q_len, k_len, joint)
         calls = state["offsets"]
@@ -202,16 +222,29 @@ def masked_reference(model: nn.Module, inputs: Any, blocks: Sequence[nn.Module],
     def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, **kwargs):
         keep = state["keep"]
         if state["probe"] is not None:
+            # probing where the tokens sit in the keys: attention mixes no tokens then
+            # (it returns zeros), so a key row that still depends on several tokens was
+            # mixed by something else (a convolution)
             state["probe"].append(key.detach().clone())
-        elif keep is not None:
+            return query.new_zeros(*query.shape[:-1], value.shape[-1])
+        if keep is not None:
             allowed = allowed_keys(keep, query.shape[-2], key.shape[-2])
             state["calls"] += 1
             if allowed is not None:
+                if query.dim() >= 3 and query.shape[0] == 1 and allowed.shape[0] > 1:
+                    # attention run sample by sample (a loop over the batch): the calls
+                    # come in sample order
+                    sample = state["per_sample"] % allowed.shape[0]
+                    state["per_sample"] += 1
+                    allowed = allowed[sample:sample + 1]
                 # [B, Lk] -> [B, 1, ..., 1, Lk]: broadcast over heads and queries
                 allowed = allowed.reshape(allowed.shape[0], *[1] * (query.dim() - 2),
                                           allowed.shape[-1])
-                if is_causal:
-                    raise NotImplementedError("causal attention inside a route")
+                if is_causal:   # causal over the kept tokens = causal, dropped keys hidden
+                    causal = torch.ones(query.shape[-2], key.shape[-2], dtype=torch.bool,
+                                        device=query.device).tril()
+                    allowed = allowed & causal
+                    is_causal = False
                 state["masked"] += 1
                 if attn_mask is None:
                     attn_mask = allowed
@@ -231,7 +264,8 @@ def masked_reference(model: nn.Module, inputs: Any, blocks: Sequence[nn.Module],
             x = _hidden_of(args, kwargs)
             if i == routes[r][0]:
                 entering[r] = x
-                masks[r] = kept_mask(indices[r].to(x.device), x.shape[1])
+                axes[r] = _token_axis(x, indices[r].shape[0], f"block {i}")
+                masks[r] = kept_mask(indices[r].to(x.device), x.shape[axes[r]])
             if x.shape != entering[r].shape:
                 raise RuntimeError(f"block {i} gets hidden state {tuple(x.shape)}, the route "
                                    f"entered with {tuple(entering[r].shape)}")
@@ -240,10 +274,12 @@ def masked_reference(model: nn.Module, inputs: Any, blocks: Sequence[nn.Module],
                 state["probe"] = []
                 try:
                     state["offsets"] = _key_offsets(module, args, kwargs, state["probe"],
-                                                    f"block {i} ({type(module).__name__})")
+                                                    f"block {i} ({type(module).__name__})",
+                                                    axes[r])
                 finally:
                     state["probe"] = None
             state["keep"], state["calls"], state["masked"] = masks[r], 0, 0
+            state["per_sample"], state["in_block"] = 0, True
         return hook
 
     def post_hook(i):
@@ -252,14 +288,17 @@ def masked_reference(model: nn.Module, inputs: Any, blocks: Sequence[nn.Module],
         def hook(module, args, kwargs, out):
             if state["probe"] is not None:
                 return None
-            state["keep"] = None
+            state["in_block"] = False
+            if i == routes[r][1]:
+                state["keep"] = None   # the route ends; until then attention stays masked
             if state["masked"] == 0:
                 raise RuntimeError(
                     f"block {i} ({type(module).__name__}) made no attention call over its "
                     f"tokens through torch.nn.functional.scaled_dot_product_attention; the "
                     f"masked reference is only exact for blocks that mix tokens through it: "
                     f"cannot verify")
-            x_in, keep = entering[r], masks[r][..., None]
+            x_in, keep = entering[r], masks[r] if axes[r] == 1 else masks[r].T
+            keep = keep.reshape(*keep.shape, *[1] * (x_in.dim() - 2))
             if torch.is_tensor(out):
                 at = None
             else:

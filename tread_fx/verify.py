@@ -197,10 +197,11 @@ def _route_reports(routed: nn.Module) -> list[RouteReport]:
     return reports
 
 
-def _unread_rows(model: nn.Module, inputs: Any, last: nn.Module, seed: int
-                 ) -> tuple[tuple[int, ...], set[int]] | None:
-    """The stream shape at the last block's output and the rows the output does not read
-    (zero gradient in every sample and feature), or None if that stream is not found."""
+def _unread_rows(model: nn.Module, inputs: Any, last: nn.Module, seed: int, batch: int
+                 ) -> tuple[int, set[int]] | None:
+    """The token count of the stream at the last block's output and the rows the output
+    does not read (zero gradient in every sample and feature), or None if that stream is
+    not found."""
     found: dict[str, Any] = {}
 
     def hook(module, args, kwargs, out):
@@ -227,13 +228,15 @@ def _unread_rows(model: nn.Module, inputs: Any, last: nn.Module, seed: int
     finally:
         handle.remove()
     leaf = found.get("leaf")
-    if leaf is None or leaf.dim() < 2:
+    if leaf is None or leaf.dim() < 2 or batch not in leaf.shape[:2] or \
+            leaf.shape[0] == leaf.shape[1]:
         return None
+    axis = 1 if leaf.shape[0] == batch else 0   # [B, N, ...] or sequence-first [N, B, ...]
     grad, = torch.autograd.grad(_loss(outs), leaf, allow_unused=True)
     if grad is None:
         return None
-    read = grad.abs().movedim(1, 0).reshape(leaf.shape[1], -1).amax(dim=1) > 0
-    return tuple(leaf.shape), set(torch.nonzero(~read).flatten().tolist())
+    read = grad.abs().movedim(axis, 0).reshape(leaf.shape[axis], -1).amax(dim=1) > 0
+    return leaf.shape[axis], set(torch.nonzero(~read).flatten().tolist())
 
 
 def verify(model: nn.Module, spec: Any, example_inputs: Any, *, seed: int = 0,
@@ -298,15 +301,19 @@ def verify(model: nn.Module, spec: Any, example_inputs: Any, *, seed: int = 0,
                 verdict = "differs"
 
         rows, rows_detail = "not checked", "no route's stream has the last block's shape"
-        unread = _unread_rows(model, _clone(example_inputs), blocks[-1], seed)
+        batch = next((s.last_indices.shape[0] for s in routed.selectors
+                      if s.last_indices is not None), None)
+        unread = None if batch is None else _unread_rows(model, _clone(example_inputs),
+                                                         blocks[-1], seed, batch)
         if unread is not None:
-            shape, unread_rows = unread
+            tokens, unread_rows = unread
             checked = []
             for sel, rep in zip(routed.selectors, reports):
                 idx = sel.last_indices
-                if idx is None or rep.tokens != shape[1]:
+                if idx is None or rep.tokens != tokens:
                     continue
-                dropped = set(range(shape[1])) - set(idx[0].tolist())
+                dropped = set().union(*(set(range(tokens)) - set(row.tolist())
+                                        for row in idx))   # in any sample
                 checked.append(rep.index)
                 bad = sorted(dropped & unread_rows)
                 if bad:

@@ -1,0 +1,233 @@
+"""Streams the way diffusers models build and carry them: hints added between blocks,
+residual adapters, joint streams written sample by sample, rows placed by index tensors,
+token counts passed as numbers, sequence-first streams, per-sample and causal attention.
+Each routed model is checked with tread_fx.verify (an independent reference)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import tread_fx
+
+D, N, T = 16, 12, 5
+
+
+class Attn(nn.Module):
+    def __init__(self, causal=False, per_sample=False):
+        super().__init__()
+        self.qkv, self.out = nn.Linear(D, 3 * D), nn.Linear(D, D)
+        self.causal, self.per_sample = causal, per_sample
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        if self.per_sample:   # one attention call per sample, as Mochi's processor does
+            o = torch.cat([F.scaled_dot_product_attention(q[i:i + 1], k[i:i + 1], v[i:i + 1])
+                           for i in range(x.shape[0])])
+        else:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+        return x + self.out(o)
+
+
+class Block(nn.Module):
+    def __init__(self, **kw):
+        super().__init__()
+        self.attn = Attn(**kw)
+        self.mlp = nn.Sequential(nn.Linear(D, 2 * D), nn.GELU(), nn.Linear(2 * D, D))
+
+    def forward(self, hidden_states):
+        h = self.attn(hidden_states)
+        return h + self.mlp(h)
+
+
+class Hinted(nn.Module):
+    """WanVACE: control hints made by their own blocks, added between the main blocks."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.control = nn.Linear(4, D), nn.Linear(4, D)
+        self.vace_blocks = nn.ModuleList(Block() for _ in range(2))
+        self.blocks = nn.ModuleList(Block() for _ in range(4))
+
+    def forward(self, x, c):
+        h, hint = self.embed(x), self.control(c)
+        hints = []
+        for b in self.vace_blocks:
+            hint = b(hint)
+            hints.append(hint)
+        for i, b in enumerate(self.blocks):
+            h = b(h)
+            if i in (1, 2):
+                h = h + hints[i - 1] * 0.5
+        return h
+
+
+class Adapted(nn.Module):
+    """WanAnimate: a residual adapter after some blocks, x = adapter(x) + x."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(4, D)
+        self.blocks = nn.ModuleList(Block() for _ in range(4))
+        self.face_adapter = nn.ModuleList(Block() for _ in range(2))
+
+    def forward(self, x):
+        h = self.embed(x)
+        for i, b in enumerate(self.blocks):
+            h = b(h)
+            if i % 2 == 0:
+                h = self.face_adapter[i // 2](h).float() + h
+        return h
+
+
+class PerSampleJoint(nn.Module):
+    """Lumina2: the joint [text, image] stream written sample by sample into zeros."""
+
+    def __init__(self, index_copy=False):
+        super().__init__()
+        self.index_copy = index_copy
+        self.embed, self.text = nn.Linear(4, D), nn.Linear(6, D)
+        self.blocks = nn.ModuleList(Block() for _ in range(4))
+        self.out = nn.Linear(D, 4)
+
+    def forward(self, x, context, text_len):
+        h, e = self.embed(x), self.text(context)
+        b, n = h.shape[0], h.shape[1] + e.shape[1]
+        joint = h.new_zeros(b, n, D)
+        if self.index_copy:   # MiniMaxH3: rows placed by index tensors
+            joint = joint.index_copy(1, torch.arange(e.shape[1]), e)
+            joint = joint.index_copy(1, torch.arange(e.shape[1], n), h)
+        else:
+            for i in range(b):
+                length = int(text_len[i])
+                joint[i, :length] = e[i, :length]
+                joint[i, length:length + h.shape[1]] = h[i]
+        for blk in self.blocks:
+            joint = blk(joint)
+        return self.out(joint[:, e.shape[1]:])
+
+
+class Counted(nn.Module):
+    """Helios: blocks told the image-token count as a number."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(4, D)
+        self.blocks = nn.ModuleList(CountBlock() for _ in range(4))
+
+    def forward(self, x):
+        h = self.embed(x)
+        for b in self.blocks:
+            h = b(h, h.shape[1])
+        return h
+
+
+class CountBlock(Block):
+    def forward(self, hidden_states, num_tokens):
+        h = super().forward(hidden_states)
+        return torch.cat([h[:, :num_tokens // 2] * 2, h[:, num_tokens // 2:]], dim=1)
+
+
+class SeqFirst(nn.Module):
+    """ErnieImage: a sequence-first [N, B, D] stream."""
+
+    def __init__(self, **kw):
+        super().__init__()
+        self.embed = nn.Linear(4, D)
+        self.blocks = nn.ModuleList(SeqFirstBlock(**kw) for _ in range(4))
+
+    def forward(self, x):
+        h = self.embed(x).transpose(0, 1)
+        for b in self.blocks:
+            h = b(h)
+        return h.transpose(0, 1)
+
+
+class SeqFirstBlock(Block):
+    def forward(self, hidden_states):
+        return super().forward(hidden_states.transpose(0, 1)).transpose(0, 1)
+
+
+class Plain(nn.Module):
+    def __init__(self, **kw):
+        super().__init__()
+        self.embed = nn.Linear(4, D)
+        self.blocks = nn.ModuleList(Block(**kw) for _ in range(4))
+
+    def forward(self, x):
+        h = self.embed(x)
+        for b in self.blocks:
+            h = b(h)
+        return h
+
+
+def _x(n=N):
+    torch.manual_seed(1)
+    return torch.randn(2, n, 4)
+
+
+def _verified(model, spec, inputs, **kw):
+    report = tread_fx.verify(model, spec, inputs, **kw)
+    assert report.ok, str(report)
+    return report
+
+
+def test_hints_added_between_blocks_are_inside_the_route():
+    torch.manual_seed(0)
+    model, inputs = Hinted(), (_x(), _x())
+    routed = tread_fx.route(model, "1:3@0.5", example_inputs=inputs)
+    assert routed.block_chain == ("blocks.0", "blocks.1", "blocks.2", "blocks.3")
+    report = _verified(model, "1:3@0.5", inputs)
+    assert len(report.routes[0].side_inputs) == 2   # the two hints, gathered
+
+
+def test_a_residual_adapter_is_not_a_block_of_the_chain():
+    torch.manual_seed(0)
+    model = Adapted()
+    routed = tread_fx.route(model, "1:2@0.5", example_inputs=(_x(),))
+    assert routed.block_chain == ("blocks.0", "blocks.1", "blocks.2", "blocks.3")
+    _verified(model, "1:3@0.5", (_x(),))   # adapter 1 runs inside the route
+
+
+def test_a_joint_stream_written_sample_by_sample_keeps_its_text_rows():
+    torch.manual_seed(0)
+    model = PerSampleJoint()
+    inputs = (_x(), torch.randn(2, T, 6), torch.full((2,), T))
+    routed = tread_fx.route(model, "1:2@0.5", example_inputs=inputs, front_end="concrete")
+    assert routed.selectors[0].fixed == (T, 0)
+    report = _verified(model, "1:2@0.5", inputs, front_end="concrete")
+    assert report.rows == "ok"
+
+
+def test_text_of_different_lengths_per_sample_is_refused():
+    torch.manual_seed(0)
+    inputs = (_x(), torch.randn(2, T, 6), torch.tensor([T, T - 2]))
+    with pytest.raises(tread_fx.TokenAxisError, match="laid out differently"):
+        tread_fx.route(PerSampleJoint(), "1:2@0.5", example_inputs=inputs, front_end="concrete")
+
+
+def test_rows_placed_by_index_tensors_are_refused():
+    inputs = (_x(), torch.randn(2, T, 6), torch.full((2,), T))
+    with pytest.raises(tread_fx.TokenAxisError, match=r"index_copy.*positions given by an "
+                                                      r"index tensor"):
+        tread_fx.route(PerSampleJoint(index_copy=True), "1:2@0.5", example_inputs=inputs)
+
+
+def test_a_token_count_passed_as_a_number_is_refused_unless_declared():
+    with pytest.raises(tread_fx.TokenAxisError, match="gets the number 12 as argument "
+                                                      "'num_tokens'"):
+        tread_fx.route(Counted(), "1:2@0.5", example_inputs=(_x(),))
+    routed = tread_fx.route(Counted(), "1:2@0.5", example_inputs=(_x(),),
+                            token_inputs={"num_tokens": None})
+    assert routed.selectors[0].selection_ratio == 0.5
+
+
+def test_a_sequence_first_stream_verifies():
+    torch.manual_seed(0)
+    _verified(SeqFirst(), "1:2@0.5", (_x(),))
+
+
+@pytest.mark.parametrize("kw", [{"per_sample": True}, {"causal": True}])
+def test_per_sample_and_causal_attention_verify(kw):
+    torch.manual_seed(0)
+    _verified(Plain(**kw), "1:2@0.5", (_x(),))
