@@ -29,6 +29,7 @@ check refuses any that turns out to have a dimension of the token count.
 
 from __future__ import annotations
 
+import inspect
 import operator
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
@@ -798,15 +799,21 @@ def _refuse_token_counts(span: Sequence[fx.Node], shapes: Mapping, root, annotat
     """A routed block told the token count as a number (``original_context_length=N``)
     would compute with the dense count on the kept tokens: refused, unless ``token_inputs``
     says the argument is not per-token."""
-    from .find_blocks import _param_names
     for block in span:
-        names = _param_names(root.get_submodule(block.target)) if root else []
+        params = list(inspect.signature(root.get_submodule(block.target).forward)
+                      .parameters.values()) if root else []
+        named = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        takes_any = {p.name for p in params if p.kind is p.VAR_KEYWORD}
         for arg, value in _items(block.args, block.kwargs):
             number = shapes.get(value) if isinstance(value, fx.Node) else value
             if isinstance(number, bool) or not isinstance(number, int) or \
                     number not in {tokens, routable} or number < 2:
                 continue
-            key = names[int(arg)] if arg.isdigit() and int(arg) < len(names) else arg
+            top = arg.split("[")[0]
+            if top.isdigit() and int(top) >= len(named) or (
+                    not top.isdigit() and top not in named and takes_any):
+                continue   # swallowed by *args / **kwargs (diffusers' deprecated arguments)
+            key = named[int(arg)] if arg.isdigit() else arg
             if key in annotations or arg in annotations:
                 used.add(key if key in annotations else arg)
                 continue

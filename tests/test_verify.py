@@ -147,3 +147,39 @@ def test_verify_refusal_names_the_block():
     model, inputs = _zoo("SanaTransformer2DModel")
     with pytest.raises(tread_fx.RoutingSafetyError, match="transformer_blocks.1"):
         verify(model, "1:2@0.5", inputs)
+
+
+def test_cli_verify_prints_the_report_and_exits_0(capsys):
+    from tread_fx.tools.cli import main
+
+    assert main(["verify", "DiT", "--routes", "1:2@0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "routed step = independent reference:      equal" in out
+    assert out.rstrip().endswith("verified")
+
+
+def test_cli_verify_bad_input_is_one_line_exit_2(capsys):
+    from tread_fx.tools.cli import main
+
+    assert main(["verify", "NoSuchModel"]) == 2
+    assert main(["verify", "PriorTransformer"]) == 2    # refused by route(): one line, why
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("tread-fx verify: error:")]
+    assert len(errors) == 2 and "Traceback" not in err
+    assert "routes no token of 1" in errors[1]
+
+
+def test_support_table_tool_on_two_cases(tmp_path, capsys):
+    import argparse
+
+    from tread_fx.tools import support
+
+    p = argparse.ArgumentParser()
+    support.add_arguments(p)
+    args = p.parse_args(["--cases", "DiTTransformer2DModel,PriorTransformer",
+                         "--out", str(tmp_path / "t.md"), "--in-process"])
+    assert support.main(args) == 0
+    table = (tmp_path / "t.md").read_text()
+    assert table.startswith("2 cases of diffusers_zoo.py: 1 verified, 1 refused")
+    assert "| DiTTransformer2DModel | export | 4 | 1:-2@0.5 | verified |" in table
+    assert "| PriorTransformer |" in table and "**refused**" in table

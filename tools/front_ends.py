@@ -141,8 +141,8 @@ def _error(err: BaseException) -> dict[str, Any]:
 
 def _short_chain(err: BaseException) -> bool:
     text = str(err)
-    return type(err) is ValueError and "which has" in text and (
-        "is outside" in text or "comes after" in text)
+    return type(err) is ValueError and (("which has" in text and "is outside" in text) or
+                                        "comes after end=" in text)
 
 
 # --------------------------------------------------------------------------- measuring

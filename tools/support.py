@@ -138,6 +138,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", help="also write the raw results to this file (JSON)")
     p.add_argument("--timeout", type=float, default=180.0,
                    help="seconds per case (default 180)")
+    p.add_argument("--in-process", action="store_true",
+                   help="no child processes (no time limit; for debugging, and for callers "
+                        "whose threads make fork unsafe)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -159,7 +162,12 @@ def main(args: argparse.Namespace) -> int:
     results: dict[str, dict[str, Any]] = {}
     start = time.monotonic()
     for i, case in enumerate(cases, 1):
-        facts = _run_isolated(zoo, case, None, args.timeout, verify_case)
+        if args.in_process:
+            started = time.monotonic()
+            facts = verify_case(zoo, case)
+            facts["wall_s"] = time.monotonic() - started
+        else:
+            facts = _run_isolated(zoo, case, None, args.timeout, verify_case)
         if "outcome" not in facts:
             facts["outcome"] = "timeout" if "timeout" in facts else "crash"
             facts.setdefault("detail", facts.get("timeout") or (facts.get("error") or {})
