@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
 from tread_fx.models import DiT
 from tread_fx.tools.zoo import perturb_  # noqa: F401  (used by the tests too)
+
+# The tests run tiny models, for which one intra-op thread is faster than several (and a
+# shared machine does not oversubscribe); TREAD_FX_TEST_THREADS overrides.
+torch.set_num_threads(int(os.environ.get("TREAD_FX_TEST_THREADS", "1")))
 
 
 def tiny_dit(depth: int = 6, hidden: int = 32, heads: int = 2, input_size: int = 8,
