@@ -54,3 +54,26 @@ def block_token_counts(model: nn.Module, blocks, run) -> list[int]:
     """Token count each block sees during ``run()``, observed with forward pre-hooks."""
     seen = block_inputs(blocks, run)
     return [seen[i].shape[1] if i in seen else None for i in range(len(blocks))]
+
+
+def break_side_gather(monkeypatch) -> None:
+    """Make every side-input gather return the table's first rows instead of the kept ones
+    (right shape, wrong positions), wherever tread_fx's passes took ``gather_side`` from."""
+    import sys
+
+    from tread_fx import runtime
+
+    original = runtime.gather_side
+
+    def truncated(value, indices, *args, **kwargs):
+        if indices is not None:
+            indices = torch.arange(indices.shape[1], device=indices.device).expand_as(indices)
+        return original(value, indices, *args, **kwargs)
+
+    patched = 0
+    for module in list(sys.modules.values()):
+        if (getattr(module, "__name__", "").startswith("tread_fx")
+                and getattr(module, "gather_side", None) is original):
+            monkeypatch.setattr(module, "gather_side", truncated)
+            patched += 1
+    assert patched >= 2  # the runtime and the pass that inserts the nodes

@@ -17,6 +17,7 @@ import torch
 import tread_fx
 from tread_fx.tools.backbones import TOLERANCE, check_backbone, compare_with_reference
 from tread_fx.tools.zoo import BACKBONES, build
+from conftest import break_side_gather
 
 B = 3
 NAMES = {name.split(" (")[0]: name for name in BACKBONES}
@@ -123,32 +124,9 @@ def test_kept_token_check_fails_when_prefix_detection_is_broken(short, monkeypat
         check_kept_tokens_return_unchanged(NAMES[short])
 
 
-def _break_side_gather(monkeypatch):
-    """Make every side-input gather return the table's first rows instead of the kept ones
-    (right shape, wrong positions), wherever tread_fx's passes took ``gather_side`` from."""
-    import sys
-
-    from tread_fx import runtime
-
-    original = runtime.gather_side
-
-    def truncated(value, indices, *args, **kwargs):
-        if indices is not None:
-            indices = torch.arange(indices.shape[1], device=indices.device).expand_as(indices)
-        return original(value, indices, *args, **kwargs)
-
-    patched = 0
-    for module in list(sys.modules.values()):
-        if (getattr(module, "__name__", "").startswith("tread_fx")
-                and getattr(module, "gather_side", None) is original):
-            monkeypatch.setattr(module, "gather_side", truncated)
-            patched += 1
-    assert patched >= 2  # the runtime and the pass that inserts the nodes
-
-
 @pytest.mark.parametrize("short", ["RoPE DiT", "MMDiT"])
 def test_reference_comparison_fails_when_side_inputs_are_gathered_wrongly(short, monkeypatch):
-    _break_side_gather(monkeypatch)
+    break_side_gather(monkeypatch)
     name = NAMES[short]
     model, inputs, span = build(name)
     routed = tread_fx.route(model, f"{span}@0.5", example_inputs=inputs).train()

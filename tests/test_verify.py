@@ -8,6 +8,7 @@ import tread_fx
 from tread_fx.tools.diffusers_zoo import CASES, build
 from tread_fx.tools.zoo import perturb_
 from tread_fx.verify import verify
+from conftest import break_side_gather
 
 pytest.importorskip("diffusers")
 
@@ -56,27 +57,8 @@ def test_verify_reports_text_rows_kept_and_checks_them():
     assert any("rotary" in s for s in route.side_inputs)
 
 
-def _break_side_gather(monkeypatch):
-    """Every side-input gather takes the table's first rows instead of the kept ones."""
-    import sys
-
-    from tread_fx import runtime
-
-    original = runtime.gather_side
-
-    def truncated(value, indices, *args, **kwargs):
-        if indices is not None:
-            indices = torch.arange(indices.shape[1], device=indices.device).expand_as(indices)
-        return original(value, indices, *args, **kwargs)
-
-    for module in list(sys.modules.values()):
-        if getattr(module, "__name__", "").startswith("tread_fx") and \
-                getattr(module, "gather_side", None) is original:
-            monkeypatch.setattr(module, "gather_side", truncated)
-
-
 def test_verify_catches_a_wrong_rope_gather(monkeypatch):
-    _break_side_gather(monkeypatch)
+    break_side_gather(monkeypatch)
     model, inputs = _zoo("FluxTransformer2DModel")
     report = verify(model, "1:2@0.5", inputs)
     assert report.eval_equal and report.ratio0_equal   # ratio 0 and eval cannot see it ...

@@ -147,6 +147,17 @@ def _short_chain(err: BaseException) -> bool:
 
 # --------------------------------------------------------------------------- measuring
 
+def build_case(zoo, case: dict) -> tuple[Any, Any, dict[str, Any]]:
+    """The case's model with small noise on every parameter (zero-initialised output layers
+    make many models an identity at init), its inputs, and the route() options it needs."""
+    from tread_fx.tools.zoo import perturb_
+
+    model, inputs = zoo.build(case)
+    perturb_(model)
+    return model, inputs, ({"hidden": case["hidden"]} if case.get("hidden") is not None
+                           else {})
+
+
 def measure(zoo, case: dict, front_end: str,
             report: Callable[..., None] = lambda **kw: None) -> dict[str, Any]:
     """Route ``case`` with ``front_end`` and measure it; ``report(**facts)`` is called as
@@ -154,7 +165,6 @@ def measure(zoo, case: dict, front_end: str,
     import torch
 
     import tread_fx
-    from tread_fx.tools.zoo import perturb_
 
     facts: dict[str, Any] = {}
 
@@ -164,12 +174,10 @@ def measure(zoo, case: dict, front_end: str,
 
     note(step="build")
     try:
-        model, inputs = zoo.build(case)
-        perturb_(model)
+        model, inputs, extra = build_case(zoo, case)
     except Exception as err:   # the zoo's problem, not tread_fx's
         note(status="build error", error=_error(err))
         return facts
-    extra = {"hidden": case["hidden"]} if case.get("hidden") is not None else {}
 
     def route(span, ratio):
         return tread_fx.route(model, f"{span}@{ratio}", example_inputs=_clone(inputs),

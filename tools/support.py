@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .front_ends import _clone, _error, _first_line, _run_isolated, _short_chain, \
-    default_zoo, load_zoo
+    build_case, default_zoo, load_zoo
 
 __all__ = ["OUTCOMES", "main", "verify_case", "render"]
 
@@ -39,8 +39,6 @@ OUTCOMES = ("verified", "refused", "cannot verify", "inconclusive", "WRONG", "cr
 def verify_case(zoo, case: dict, front_end: str | None = None,
                 report: Callable[..., None] = lambda **kw: None) -> dict[str, Any]:
     """Build, perturb, route and verify one zoo case; ``report(**facts)`` as they come."""
-    import tread_fx
-    from tread_fx.tools.zoo import perturb_
     from tread_fx.verify import verify
 
     from .front_ends import _refusal_types
@@ -53,12 +51,10 @@ def verify_case(zoo, case: dict, front_end: str | None = None,
 
     note(step="build")
     try:
-        model, inputs = zoo.build(case)
-        perturb_(model)
+        model, inputs, extra = build_case(zoo, case)
     except Exception as err:   # the zoo's problem, not tread_fx's
         note(outcome="crash", detail=f"building the case: {_first_line(err)}")
         return facts
-    extra = {"hidden": case["hidden"]} if case.get("hidden") is not None else {}
     if front_end is not None:
         extra["front_end"] = front_end
     note(step="verify")
