@@ -32,7 +32,7 @@ import torch
 from torch import fx, nn
 
 __all__ = ["TraceError", "Traced", "bind_inputs", "frozen_state", "has_tensor", "mode_flags",
-           "preserved_modes", "shape_tree", "trace_modes"]
+           "preserved_attributes", "preserved_modes", "shape_tree", "trace_modes"]
 
 _VALUE = "tread_concrete_value"
 # Tensor metadata that is read as a plain value while tracing concretely.
@@ -480,13 +480,42 @@ def trace_modes(model: nn.Module, leaves: Iterable[nn.Module], example_inputs: A
     concretely on them.  The model's mode flags and random state are restored afterwards,
     and any constant the tracer had to store on the model is taken off it again.
     """
-    leaves = list(leaves)
+    return _trace_modes(model, list(leaves), example_inputs, modes, front_end, dynamic)
+
+
+@contextmanager
+def preserved_attributes(model: nn.Module, keep_root_new: bool = False) -> Iterator[None]:
+    """Every module's plain attributes as they were: a tracer runs the model's Python, and
+    a cache it fills (``self._freqs_cache = (key, proxy)``) would break the user's model.
+    ``keep_root_new``: attributes added to the root stay (a tracer's tensor constants,
+    which the caller takes off)."""
+    kept = ("_parameters", "_buffers", "_modules")
+    saved = [(m, {k: v for k, v in vars(m).items() if k not in kept}) for m in model.modules()]
+    try:
+        yield
+    finally:
+        for m, attrs in saved:
+            if m is model and keep_root_new:
+                added = set()
+            else:
+                added = {k for k in vars(m) if k not in kept and k not in attrs}
+            for k in added:
+                del m.__dict__[k]
+            for k, v in attrs.items():
+                if m.__dict__.get(k, attrs) is not v:
+                    m.__dict__[k] = v
+
+
+def _trace_modes(model: nn.Module, leaves: list[nn.Module], example_inputs: Any,
+                 modes: Mapping[str, list[tuple[nn.Module, bool]]] | None,
+                 front_end: str | None, dynamic: bool) -> Traced:
     if modes is None:
         modes = {"train": mode_flags(model, True), "eval": mode_flags(model, False)}
     failures = []
     if front_end in (None, "fx"):
         try:
-            return _trace(model, lambda: _LeafTracer(leaves), modes, "fx")
+            with preserved_attributes(model):   # each front end starts from the model
+                return _trace(model, lambda: _LeafTracer(leaves), modes, "fx")
         except TraceError as fx_error:
             if example_inputs is None or front_end == "fx":
                 raise TraceError(
@@ -502,14 +531,16 @@ def trace_modes(model: nn.Module, leaves: Iterable[nn.Module], example_inputs: A
     shapes = {k: shape_tree(v) for k, v in inputs.items() if has_tensor(v)}
     if front_end in (None, "export"):
         try:
-            return _export_modes(model, leaves, inputs, modes, shapes, dynamic)
+            with preserved_attributes(model):
+                return _export_modes(model, leaves, inputs, modes, shapes, dynamic)
         except TraceError as err:
             if front_end == "export":
                 raise
             failures.append(str(err).split("\n")[0])
     try:
-        traced = _trace(model, lambda: _ConcreteTracer(leaves, inputs), modes, "concrete",
-                        shapes)
+        with preserved_attributes(model):
+            traced = _trace(model, lambda: _ConcreteTracer(leaves, inputs), modes,
+                            "concrete", shapes)
     except TraceError as err:
         if failures:
             raise TraceError("; ".join(failures + [str(err)])) from err
@@ -528,7 +559,8 @@ def _export_modes(model: nn.Module, leaves: list[nn.Module], inputs: dict[str, A
     from .export_trace import export_trace
     graphs, constants, exports = {}, {}, {}
     for mode, flags in modes.items():
-        result = export_trace(model, leaves, inputs, mode, flags, dynamic=dynamic)
+        with preserved_attributes(model):
+            result = export_trace(model, leaves, inputs, mode, flags, dynamic=dynamic)
         exports[mode] = result
         renamed = {}
         for name, value in result.constants.items():
@@ -558,7 +590,9 @@ def _trace(model: nn.Module, make_tracer, modes: Mapping[str, list[tuple[nn.Modu
                     module.training = flag
                 tracer = make_tracer()
                 try:
-                    graphs[mode] = tracer.trace(model)
+                    # no cache carried between modes; the constants stay for _trace
+                    with preserved_attributes(model, keep_root_new=True):
+                        graphs[mode] = tracer.trace(model)
                 except Exception as err:  # noqa: BLE001 - re-raised with context
                     raise TraceError(
                         f"{'torch.fx' if front_end == 'fx' else 'concrete tracing'} could not "

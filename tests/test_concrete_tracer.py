@@ -100,3 +100,44 @@ def test_protocol_probes_are_not_traced_attributes():
 
     _ConcreteTracer([], {"x": torch.randn(2, 3)}).trace(Probe())
     assert seen == {"cuda": False, "shape": True}
+
+
+class _Cached(nn.Module):
+    """Caches what it computed, keyed on the input's length (AnyFlow's RoPE does)."""
+
+    def __init__(self):
+        super().__init__()
+        self._cache = None
+
+    def forward(self, x):
+        if self._cache is not None and self._cache[0] == x.shape[1]:
+            return self._cache[1]
+        table = torch.linspace(0, 1, x.shape[1])[:, None].expand(-1, x.shape[-1])
+        self._cache = (x.shape[1], table)
+        return table
+
+
+class CachingNet(Net):
+    def __init__(self):
+        super().__init__()
+        self.rope = _Cached()
+
+    def forward(self, x, scale):
+        h = self.embed(x)
+        h = h + self.rope(h)
+        for blk in self.blocks:
+            h = blk(h, torch.zeros_like(h))
+        return h
+
+
+@pytest.mark.parametrize("front_end", [None, "export", "concrete"])
+def test_caches_the_tracer_filled_are_as_they_were(front_end):
+    torch.manual_seed(0)
+    model = CachingNet()
+    inputs = _inputs()
+    tread_fx.route(model, "1:2@0.5", example_inputs=inputs, front_end=front_end)
+    assert model.rope._cache is None          # not a proxy or fake tensor left behind
+    model.eval()
+    with torch.no_grad():
+        model(*inputs)                        # the user's model still runs
+    assert isinstance(model.rope._cache[1], torch.Tensor)

@@ -135,7 +135,7 @@ def test_blocks_outside_the_chain_are_refused():
             self.blocks = nn.ModuleList(Block() for _ in range(5))
 
         def forward(self, x):
-            x = self.blocks[0](x) * 2
+            x = self.blocks[0](x).flip(1)   # mixes token positions: not the stream
             for b in self.blocks[1:]:
                 x = b(x)
             return x

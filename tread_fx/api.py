@@ -17,7 +17,7 @@ from tread_fx.passes.check_routes import check_routes
 from tread_fx.passes.token_axes import plan_routes, probe_block_io, probe_shapes
 from tread_fx.passes.guards import Guard, module_tensors, value_guards
 from tread_fx.passes.trace import (Traced, _Bound, bind_inputs, frozen_state, mode_flags,
-                                   trace_modes)
+                                   preserved_attributes, trace_modes)
 
 from .module import TreadGraphModule
 from .runtime import TokenSelector
@@ -268,7 +268,12 @@ def route(model: nn.Module, spec: Any, example_inputs: Any = None, *,
     if front_end not in (None, "fx", "export", "concrete"):
         raise ValueError(f"front_end must be 'fx', 'export', 'concrete' or None, got "
                          f"{front_end!r}")
-    return _route(model, spec, example_inputs, front_end)
+    target = model._tread_model if isinstance(model, TreadGraphModule) and \
+        "_tread_model" in model.__dict__ else model
+    # route() runs the model (tracing, probes, the safety check): caches its modules fill
+    # on the way are put back as they were
+    with preserved_attributes(target):
+        return _route(model, spec, example_inputs, front_end)
 
 
 def _route(model: nn.Module, spec: RouteSpec, example_inputs: Any,
@@ -397,6 +402,11 @@ def _exact_shapes(call: dict[str, Any], check):
 def _specialise(routed: TreadGraphModule, call: dict[str, Any]) -> fx.Graph:
     """A graph of ``routed``'s model for a call its graphs were not made for: traced in the
     current training flags on the call's own values, routed like the others."""
+    with preserved_attributes(routed._tread_model):
+        return _specialise_traced(routed, call)
+
+
+def _specialise_traced(routed: TreadGraphModule, call: dict[str, Any]) -> fx.Graph:
     model = routed._tread_model
     flags = [(m, m.training) for m in model.modules()]
     flags[0] = (model, routed.training)
