@@ -311,9 +311,12 @@ def find_block_chain(graph: fx.Graph, groups: list[CandidateGroup],
             "blocks='blocks'); a block must take the previous block's output as an argument."
         )
     segments = _joined(components, dag, member_of, graph)
+    segments[0] = _trimmed(segments[0], member_of, 0)
+    segments[-1] = _trimmed(segments[-1], member_of, -1)
     path = [n for seg in segments for n in seg]
     longest = max(len(seg) for seg in segments)
-    others = [c for c in components if c[0] not in path]
+    in_path = set(path)
+    others = [c for c in components if not in_path & set(c)]
     if others and len(others[0]) >= longest:
         names = ", ".join(f"{c[0].target}..{c[-1].target}" for c in
                           [max(segments, key=len), others[0]])
@@ -336,6 +339,18 @@ def find_block_chain(graph: fx.Graph, groups: list[CandidateGroup],
                  for c in others if len(c) >= 2]
     breaks = [sum(len(seg) for seg in segments[:i]) for i in range(1, len(segments))]
     return BlockChain([n.target for n in path], hidden_in, hidden_out, rejected, breaks)
+
+
+def _trimmed(path: list[fx.Node], member_of: dict, end: int) -> list[fx.Node]:
+    """``path`` without a block at its start (``end=0``) or end (``-1``) whose class occurs
+    nowhere else in it: an embedder feeding the blocks (LongCat's input_embed, one of a
+    same-class pair with the text embedder) is not one of the repeated blocks."""
+    while len(path) > 2:
+        cls = member_of[path[end].target].cls
+        if sum(member_of[n.target].cls is cls for n in path) > 1:
+            break
+        path = path[1:] if end == 0 else path[:-1]
+    return path
 
 
 def _stream_keys(path: list[fx.Node], dag: nx.DiGraph, member_of: dict

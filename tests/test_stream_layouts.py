@@ -231,3 +231,29 @@ def test_a_sequence_first_stream_verifies():
 def test_per_sample_and_causal_attention_verify(kw):
     torch.manual_seed(0)
     _verified(Plain(**kw), "1:2@0.5", (_x(),))
+
+
+class Embedded(nn.Module):
+    """LongCat: the latent and the text embedders are one class (a same-class pair), and
+    the latent embedder's output is the first block's stream."""
+
+    def __init__(self):
+        super().__init__()
+        self.input_embed = nn.Sequential(nn.Linear(4, D), nn.SiLU(), nn.Linear(D, D))
+        self.text_embed = nn.Sequential(nn.Linear(4, D), nn.SiLU(), nn.Linear(D, D))
+        self.blocks = nn.ModuleList(Block() for _ in range(4))
+
+    def forward(self, x, text):
+        h = self.input_embed(x)
+        h = h + self.text_embed(text).mean(1, keepdim=True)
+        for b in self.blocks:
+            h = b(hidden_states=h)
+        return h
+
+
+def test_an_embedder_feeding_the_blocks_is_not_the_first_block():
+    torch.manual_seed(0)
+    model, inputs = Embedded(), (_x(), _x(5))
+    routed = tread_fx.route(model, "0:1@0.5", example_inputs=inputs)
+    assert routed.block_chain == ("blocks.0", "blocks.1", "blocks.2", "blocks.3")
+    _verified(model, "0:1@0.5", inputs)
