@@ -99,8 +99,9 @@ def verify_case(zoo, case: dict, front_end: str | None = None,
     return facts
 
 
-def _cell(text: Any) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
+def _cell(text: Any, limit: int = 170) -> str:
+    text = str(text).replace("|", "\\|").replace("\n", " ")
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def render(results: dict[str, dict[str, Any]], zoo_path: Any, total_s: float) -> str:
