@@ -188,8 +188,10 @@ def _carries_stream(user: fx.Node, value: fx.Node) -> bool:
 
 
 def _is_branch(call: fx.Node) -> bool:
-    """Whether a block's output is added to (or multiplied with) a value it was computed
-    from: ``x + branch(x)``, the output a residual branch, not the stream."""
+    """Whether a block's output is added to (or multiplied with) its own input:
+    ``x + branch(x)``, the output a residual branch, not the stream.  (A long skip adding an
+    older value, ``h + h0``, does not make the last block a branch.)"""
+    inputs = set(call.all_input_nodes)
     todo = [value for _, value in _outputs(call)]
     while todo:
         value = todo.pop()
@@ -200,7 +202,7 @@ def _is_branch(call: fx.Node) -> bool:
                 continue
             if name in _CASTS and user.args and user.args[0] is value:
                 todo.append(user)
-            elif name in _STREAM_OPS and any(_depends_on(call, other) for other in
+            elif name in _STREAM_OPS and any(other in inputs for other in
                                              user.all_input_nodes if other is not value):
                 return True
     return False
