@@ -79,7 +79,11 @@ def _param_signature(m: nn.Module) -> tuple:
 
 
 def _is_composite(m: nn.Module) -> bool:
-    """A block is built of layers; a lone layer (the norms beside the blocks) is not one."""
+    """A block is built of layers; a lone layer (the norms beside the blocks) is not one, and
+    neither is a container without a forward of its own (two ModuleLists of equal blocks
+    would otherwise form a group that hides the blocks inside them)."""
+    if isinstance(m, (nn.ModuleList, nn.ModuleDict, nn.ParameterList, nn.ParameterDict)):
+        return False
     return next(m.children(), None) is not None
 
 

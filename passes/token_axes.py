@@ -369,6 +369,24 @@ IMAGE_NAMES = ("hidden_states", "x", "sample", "latents", "latent", "img", "imag
                "audio", "z", "x_t")
 
 
+# Ops that read only the shape, dtype or device of their first tensor argument.
+_LIKE = {"new_zeros", "new_ones", "new_empty", "new_full", "zeros_like", "ones_like",
+         "empty_like", "full_like", "rand_like", "randn_like", "randint_like"}
+
+
+def _reads_values_of(user: fx.Node, node: fx.Node) -> bool:
+    """Whether ``user`` reads ``node``'s values (not only its metadata): ``zeros_like(x)``,
+    ``x.new_zeros(...)`` do not; ``t.type_as(x)`` and ``t.to(x)`` read only ``t``'s."""
+    if _is_metadata(user):
+        return False
+    name = _op_name(user)
+    if name in _LIKE:
+        return False
+    if name in ("type_as", "to") and user.args and user.args[0] is not node:
+        return False
+    return True
+
+
 def _is_metadata(node: fx.Node) -> bool:
     """A node that reads a tensor's metadata, not its values."""
     if node.op == "call_function" and node.target is getattr:
@@ -436,7 +454,8 @@ def _image_rows_of(sources: Sequence[fx.Node],
     while todo:
         node = todo.pop()
         for user in node.users:
-            if user in seen or _is_metadata(user) or _op_name(user) in _REDUCTIONS:
+            if user in seen or not _reads_values_of(user, node) or \
+                    _op_name(user) in _REDUCTIONS:
                 continue
             if _op_name(user) in _ATTENTION and (user.args[:1] or [None])[0] is not node:
                 continue
@@ -474,7 +493,7 @@ def _cat_dim(node: fx.Node) -> Any:
 
 
 def _written_rows(node: fx.Node, before: list[list[bool]], shapes: Mapping,
-                  image: set[fx.Node], token_axis: int, rank: int) -> list[list[bool]]:
+                  image: set[fx.Node], token_axis: int, rank: int, rows) -> list[list[bool]]:
     """Per sample, per row, image or not, after ``x[index] = value`` (the concrete
     tracer's ``assign_index``): the rows the index selects on the token axis take the
     value's layout (models that build a joint stream sample by sample write
@@ -516,8 +535,16 @@ def _written_rows(node: fx.Node, before: list[list[bool]], shapes: Mapping,
     # the value's own token axis: the dims the index keeps, before the token axis
     kept_before = sum(1 for d, i in enumerate(full[:token_axis]) if not isinstance(i, int))
     flags = [list(f) for f in before]
-    value_flags = _value_rows(value, shapes, image, kept_before if kept_axis else None,
-                              len(written))
+    value_flags = None
+    value_shape = shapes.get(value) if isinstance(value, fx.Node) else None
+    if kept_axis and kept_before == token_axis and isinstance(value_shape, tuple) and \
+            len(value_shape) == rank and value_shape[token_axis] == len(written):
+        layout = rows(value)   # the value is laid out like the stream: follow it back
+        if layout:
+            value_flags = [f for length, f in layout for _ in range(length)]
+    if value_flags is None:
+        value_flags = _value_rows(value, shapes, image, kept_before if kept_axis else None,
+                                  len(written))
     for b in samples:
         for row, flag in zip(written, value_flags):
             flags[b][row] = flag
@@ -541,6 +568,41 @@ def _value_rows(value: Any, shapes: Mapping, image: set[fx.Node], axis: int | No
         if len(out) == length:
             return out
     return [value in image] * length
+
+
+# Ops that return a view of their first argument (a write into the view writes into it).
+_VIEWS = {"slice", "select", "view", "reshape", "unsqueeze", "squeeze", "transpose",
+          "permute", "expand", "narrow", "as_strided", "unflatten", "flatten", "t",
+          "movedim", "diagonal", "alias", "split", "chunk", "unbind", "getitem"}
+
+
+def _refuse_in_place_writes(graph: fx.Graph, chain_input: fx.Node) -> None:
+    """An in-place write (``copy_``, ``index_put_``, ``fill_``: what an exported graph keeps
+    of ``buf[:, :t] = text``) into a tensor the blocks' input is built from, or into a view
+    of it, changes rows the row analysis follows by data flow alone: refused."""
+    upstream = nx.ancestors(data_flow(graph), chain_input) | {chain_input}
+    for node in [n for n in graph.nodes if n in upstream]:
+        todo, seen = [node], set()
+        while todo:
+            n = todo.pop()
+            if n in seen:
+                continue
+            seen.add(n)
+            for user in n.users:
+                name = _op_name(user)
+                if not user.args or user.args[0] is not n:
+                    continue
+                if name.endswith("_") and not name.startswith("_") and \
+                        name not in ("detach_", "requires_grad_", "share_memory_"):
+                    raise TokenAxisError(
+                        f"{user.name!r} ({name}) writes in place into {node.name!r}, from "
+                        f"which the blocks' input is built; which of its rows are image "
+                        f"tokens cannot be followed through the write. Pass "
+                        f"prefix_tokens=<count of leading rows to keep> to route(), or use "
+                        f"front_end='concrete'")
+                if name in _VIEWS or (user.op == "call_function" and
+                                      user.target is operator.getitem):
+                    todo.append(user)
 
 
 def fixed_rows(graph: fx.Graph, chain_input: fx.Node, shapes: Mapping | None,
@@ -634,9 +696,15 @@ def fixed_rows(graph: fx.Graph, chain_input: fx.Node, shapes: Mapping | None,
             layout = rows(base) or [(shapes[node][token_axis], base in image)]
             batch = shapes[node][1 - token_axis if token_axis in (0, 1) else 0]
             before = [[f for length, f in layout for _ in range(length)]] * batch
-        return _written_rows(node, before, shapes, image, token_axis, rank)
+        return _written_rows(node, before, shapes, image, token_axis, rank, rows)
 
+    _refuse_in_place_writes(graph, chain_input)
     layout = rows(chain_input) or [(shapes[chain_input][token_axis], True)]
+    if not any(is_image for _, is_image in layout):
+        raise TokenAxisError(
+            f"no row of the blocks' input {chain_input.name!r} is computed from the image "
+            f"input as far as tread_fx can follow, so which rows may be routed is unknown; "
+            f"pass prefix_tokens=<count of leading rows to keep> to route()")
     if len(layout) == 1:
         return (0, 0)
     if not sure:
@@ -748,6 +816,14 @@ def plan_routes(graph: fx.Graph, chain: BlockChain, routes: Sequence[Route],
                 if found:
                     side = _annotated(side, axis, shape, batch_axes,
                                       hidden[axes[0]] if hidden else None)
+                elif hidden is not None and _other_stream(value, chain) and \
+                        isinstance(shape, tuple) and hidden[axes[1]] in shape[1:]:
+                    raise TokenAxisError(
+                        f"{side.arg} ({value.name}, shape {shape}) is the other stream a "
+                        f"chain block returns (text?), and it has as many rows as the "
+                        f"routed tokens ({hidden[axes[1]]}): whether it is per-token is "
+                        f"ambiguous; say so with token_inputs={{{_base_name(side.arg)!r}: "
+                        f"None}} (another stream) or an axis")
                 elif hidden is not None:
                     stream_lengths = [shapes[v][1] for a, v in items
                                       if v is not value and v is not x_in and v not in inside
@@ -824,6 +900,15 @@ def _refuse_token_counts(span: Sequence[fx.Node], shapes: Mapping, root, annotat
                 f"and would compute with the dense count (e.g. split the stream at the wrong "
                 f"row). Route other blocks, or if the number does not count tokens, say so "
                 f"with token_inputs={{{key!r}: None}}")
+
+
+def _other_stream(value: Any, chain: BlockChain) -> bool:
+    """Whether ``value`` is an output of a chain block other than its token stream."""
+    if not (isinstance(value, fx.Node) and value.op == "call_function"
+            and value.target is operator.getitem and isinstance(value.args[0], fx.Node)
+            and value.args[0].op == "call_module" and value.args[0].target in chain.targets):
+        return False
+    return value.args[1] != chain.hidden_out[chain.targets.index(value.args[0].target)]
 
 
 def side_outputs(span: Sequence[fx.Node], chain: BlockChain) -> set[fx.Node]:

@@ -18,6 +18,7 @@ Two front ends produce the same kind of graph:
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 import linecache
@@ -491,9 +492,26 @@ def preserved_attributes(model: nn.Module, keep_root_new: bool = False) -> Itera
     which the caller takes off)."""
     kept = ("_parameters", "_buffers", "_modules")
     saved = [(m, {k: v for k, v in vars(m).items() if k not in kept}) for m in model.modules()]
+    # a dict, list or set attribute keeps its identity and gets its contents back (a cache
+    # filled in place: self._cache[n] = table)
+    contents = [(v, copy.copy(v)) for _, attrs in saved for k, v in attrs.items()
+                if type(v) in (dict, list, set) and not k.startswith("_forward")
+                and not k.startswith("_backward") and not k.startswith("_state_dict")
+                and not k.startswith("_load_state_dict")]
     try:
         yield
     finally:
+        for container, before in contents:
+            if container != before if not isinstance(container, dict) else \
+                    container.keys() != before.keys() or any(
+                        container[k] is not before[k] for k in before):
+                container.clear()
+                if isinstance(container, dict):
+                    container.update(before)
+                elif isinstance(container, list):
+                    container.extend(before)
+                else:
+                    container.update(before)
         for m, attrs in saved:
             if m is model and keep_root_new:
                 added = set()

@@ -53,7 +53,7 @@ def test_verify_reports_text_rows_kept_and_checks_them():
     text_len = inputs["encoder_hidden_states"].shape[1]
     assert route.never_routed == (text_len, 0)
     assert route.tokens == text_len + inputs["hidden_states"].shape[1]
-    assert report.rows == "ok" and f"{text_len} row(s) not read" in report.rows_detail
+    assert report.rows == "ok" and f"{text_len} row(s) the output never reads" in report.rows_detail
     assert any("rotary" in s for s in route.side_inputs)
 
 

@@ -41,11 +41,15 @@ def _check_chain(chain: BlockChain, groups, graphs: dict[str, fx.Graph], hidden,
     # blocks of this chain and cannot shift its indices; in the chain's own container
     # they would (blocks.0 outside the chain makes route index 0 the user's blocks.1).
     containers = {_container(t) for t in chain.targets}
+    # ... unless called between the chain's blocks (a block the chain goes around)
+    order = [n.target for n in first.nodes if n.op == "call_module"]
+    at = [i for i, t in enumerate(order) if t in in_chain]
+    between = set(order[at[0]:at[-1] + 1]) if at else set()
     for group in groups:
         if not in_chain & set(group.names):
             continue
         missing = [n for n in group.names if n in called and n not in in_chain
-                   and _container(n) in containers]
+                   and (_container(n) in containers or n in between)]
         if missing:
             raise NoBlocksFound(
                 f"{', '.join(missing)} belong(s) with the block sequence "

@@ -108,14 +108,17 @@ def _key_offsets(block: nn.Module, args: tuple, kwargs: dict, probe: list, name:
     x = _hidden_of(args, kwargs)
     n = x.shape[axis]
     runs = []
+    gen = torch.Generator().manual_seed(0)
     with torch.no_grad(), torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):
         state = torch.random.get_rng_state()
         for j in (None, n - 1, 0):
             torch.random.set_rng_state(state)
             probe.clear()
             xj = x.detach().clone()
-            if j is not None:
-                xj.select(axis, j).add_(1.0)
+            if j is not None:   # noise, not a constant: a norm would remove a shift
+                row = xj.select(axis, j)
+                row.add_(torch.randn(row.shape, generator=gen, dtype=torch.float32)
+                         .to(row.dtype) + 1.0)
             a, k = _with_hidden(args, kwargs, key, xj)
             block(*a, **k)
             runs.append(list(probe))

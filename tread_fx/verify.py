@@ -16,9 +16,10 @@ Four checks, each against something that does not share the code it checks:
    this way: the result says "cannot verify" and why.  When dropping tokens does not
    change the output at all (zero-initialised output layers), the check proves nothing
    and says "inconclusive".
-4. **rows**: no dropped row is a row the model's output does not read (text, class or
-   register tokens concatenated to the image tokens and cut off after the blocks).
-   Measured with the gradient of the output at the last block's token stream, for routes
+4. **rows**: no dropped row is one the output never reads (text, class or register tokens
+   cut off after the blocks: the gradient of the output at the last block's token stream)
+   or one the image input does not reach (text, time or register tokens beside the image
+   tokens: the first block's stream, with noise added to the image input), for routes
    whose stream has that shape.
 
 The report also lists, per route, the tokens kept, the rows never routed and the side
@@ -28,6 +29,7 @@ inputs gathered (what the pass decided, shown for the user to read).
 from __future__ import annotations
 
 import copy
+import inspect
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterator, Mapping
@@ -94,7 +96,7 @@ class VerifyReport:
             + (f" ({self.ratio0_detail})" if self.ratio0_detail else ""),
             f"  routed step = independent reference:      {self.reference} "
             f"({self.reference_detail})",
-            f"  dropped rows are rows the output reads:   {self.rows}"
+            f"  no dropped row is a non-image row:       {self.rows}"
             + (f" ({self.rows_detail})" if self.rows_detail else ""),
         ]
         lines += [f"  {r}" for r in self.routes]
@@ -239,6 +241,93 @@ def _unread_rows(model: nn.Module, inputs: Any, last: nn.Module, seed: int, batc
     return leaf.shape[axis], set(torch.nonzero(~read).flatten().tolist())
 
 
+_IMAGE_NAMES = ("hidden_states", "x", "sample", "latents", "latent", "img", "image",
+                "noisy_latents", "z")
+
+
+def _image_free_rows(model: nn.Module, inputs: Any, first: nn.Module, batch: int
+                     ) -> tuple[int, set[int]] | None:
+    """The token count of the first block's stream and its rows that do not change when
+    the image input changes (text, class, register, time tokens), measured on the dense
+    model: the forward argument named like the image (else the first tensor) gets noise."""
+    from .reference import _hidden_of, _token_axis
+    bound = inspect.signature(model.forward).bind(
+        **inputs) if isinstance(inputs, Mapping) else inspect.signature(model.forward).bind(
+        *inputs)
+    tensors = [k for k, v in bound.arguments.items() if torch.is_tensor(v)
+               and v.is_floating_point()]
+    names = [k for k in tensors if k in _IMAGE_NAMES] or tensors[:1]
+    if not names:
+        return None
+    seen: list[torch.Tensor] = []
+
+    def hook(module, args, kwargs):
+        seen.append(_hidden_of(args, kwargs).detach().clone())
+
+    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for noise in (False, True):
+                call = dict(bound.arguments)
+                if noise:
+                    image = call[names[0]]
+                    gen = torch.Generator().manual_seed(7)
+                    call[names[0]] = image + torch.randn(image.shape, generator=gen).to(image)
+                torch.manual_seed(0)
+                model(*bound.signature.bind(**call).args, **bound.signature.bind(**call).kwargs)
+    finally:
+        handle.remove()
+    if len(seen) < 2 or seen[0].shape != seen[-1].shape:
+        return None
+    try:
+        axis = _token_axis(seen[0], batch, "the first block")
+    except RuntimeError:
+        return None
+    diff = (seen[0].float() - seen[-1].float()).abs().movedim(axis, 0)
+    changed = diff.reshape(diff.shape[0], -1).amax(dim=1) > 0
+    return seen[0].shape[axis], set(torch.nonzero(~changed).flatten().tolist())
+
+
+def _row_checks(model, example_inputs, routed, reports, blocks, seed) -> tuple[str, str]:
+    """No dropped row may be one the output never reads (gradient at the last block's
+    stream) or one the image input does not reach (at the first block's stream)."""
+    batch = next((s.last_indices.shape[0] for s in routed.selectors
+                  if s.last_indices is not None), None)
+    if batch is None:
+        return "not checked", "no route drew tokens"
+    checks = []
+    with torch.random.fork_rng(devices=[]):
+        unread = _unread_rows(model, _clone(example_inputs), blocks[-1], seed, batch)
+        if unread is not None:
+            checks.append(("the output never reads", unread))
+        mode = model.training
+        model.eval()
+        try:
+            free = _image_free_rows(model, _clone(example_inputs), blocks[0], batch)
+        finally:
+            model.train(mode)
+        if free is not None:
+            checks.append(("the image input does not reach", free))
+    checked, counts = set(), []
+    for what, (tokens, rows) in checks:
+        counts.append(f"{len(rows)} row(s) {what}")
+        for sel, rep in zip(routed.selectors, reports):
+            idx = sel.last_indices
+            if idx is None or rep.tokens != tokens:
+                continue
+            dropped = set().union(*(set(range(tokens)) - set(row.tolist())
+                                    for row in idx))   # in any sample
+            checked.add(rep.index)
+            bad = sorted(dropped & rows)
+            if bad:
+                return "wrong", (f"route {rep.index} dropped rows {bad[:8]} of the stream, "
+                                 f"which {what} (text, class or register tokens?): they "
+                                 f"must not be routed")
+    if not checked:
+        return "not checked", "no route's stream has the first or last block's shape"
+    return "ok", f"routes {sorted(checked)}; {', '.join(counts)}; none dropped"
+
+
 def verify(model: nn.Module, spec: Any, example_inputs: Any, *, seed: int = 0,
            tolerance: float = TOLERANCE, **route_options: Any) -> VerifyReport:
     """Route ``model`` with ``spec`` and prove on ``example_inputs`` that it computes TREAD.
@@ -300,33 +389,7 @@ def verify(model: nn.Module, spec: Any, example_inputs: Any, *, seed: int = 0,
             else:
                 verdict = "differs"
 
-        rows, rows_detail = "not checked", "no route's stream has the last block's shape"
-        batch = next((s.last_indices.shape[0] for s in routed.selectors
-                      if s.last_indices is not None), None)
-        unread = None if batch is None else _unread_rows(model, _clone(example_inputs),
-                                                         blocks[-1], seed, batch)
-        if unread is not None:
-            tokens, unread_rows = unread
-            checked = []
-            for sel, rep in zip(routed.selectors, reports):
-                idx = sel.last_indices
-                if idx is None or rep.tokens != tokens:
-                    continue
-                dropped = set().union(*(set(range(tokens)) - set(row.tolist())
-                                        for row in idx))   # in any sample
-                checked.append(rep.index)
-                bad = sorted(dropped & unread_rows)
-                if bad:
-                    rows = "wrong"
-                    rows_detail = (f"route {rep.index} dropped rows {bad[:8]} of the stream, "
-                                   f"which the output never reads (text, class or register "
-                                   f"tokens?): they must not be routed")
-                    break
-            else:
-                if checked:
-                    rows = "ok"
-                    rows_detail = (f"routes {checked}; {len(unread_rows)} row(s) not read by "
-                                   f"the output, none dropped")
+        rows, rows_detail = _row_checks(model, example_inputs, routed, reports, blocks, seed)
     return VerifyReport(
         model=type(model).__name__, spec=str(routed.route_spec), front_end=routed.front_end,
         chain=tuple(routed.block_chain), eval_equal=eval_equal, ratio0_equal=ratio0_equal,
