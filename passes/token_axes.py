@@ -374,6 +374,36 @@ _LIKE = {"new_zeros", "new_ones", "new_empty", "new_full", "zeros_like", "ones_l
          "empty_like", "full_like", "rand_like", "randn_like", "randint_like"}
 
 
+def _stacked_rows(node: fx.Node, shapes: Mapping, image: set[fx.Node], token_axis: int,
+                  rank: int) -> list[tuple[int, bool]] | None:
+    """The layout of a batch stacked from per-sample sequences (``pad_sequence(seqs,
+    batch_first=True)``, ``torch.stack(seqs)``: ZImage joins image and text per sample):
+    each sample's rows along its own axis 0, the padding after them not image; None when
+    ``node`` is not such a stack or the samples differ."""
+    name = _op_name(node)
+    if name not in ("pad_sequence", "stack") or token_axis != 1 or not node.args or \
+            not isinstance(node.args[0], (list, tuple)):
+        return None
+    if name == "pad_sequence" and not node.kwargs.get(
+            "batch_first", node.args[1] if len(node.args) > 1 else False):
+        return None
+    if name == "stack" and node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0):
+        return None
+    n = shapes[node][token_axis]
+    layouts = []
+    for seq in node.args[0]:
+        shape = shapes.get(seq) if isinstance(seq, fx.Node) else None
+        if not isinstance(shape, tuple) or len(shape) != rank - 1:
+            return None
+        flags = _value_rows(seq, shapes, image, 0, shape[0]) + [False] * (n - shape[0])
+        layouts.append(flags)
+    if any(f != layouts[0] for f in layouts[1:]):
+        raise TokenAxisError(f"{node.name!r}: the samples' streams are laid out differently "
+                             f"(text of different lengths?); which rows are image tokens "
+                             f"differs per sample. Pass prefix_tokens=<count> to route()")
+    return [(1, f) for f in layouts[0]]
+
+
 def _reads_values_of(user: fx.Node, node: fx.Node) -> bool:
     """Whether ``user`` reads ``node``'s values (not only its metadata): ``zeros_like(x)``,
     ``x.new_zeros(...)`` do not; ``t.type_as(x)`` and ``t.to(x)`` read only ``t``'s."""
@@ -567,6 +597,12 @@ def _value_rows(value: Any, shapes: Mapping, image: set[fx.Node], axis: int | No
             out += _value_rows(part, shapes, image, axis, size)
         if len(out) == length:
             return out
+    if axis is not None and _op_name(value) in ("repeat", "expand", "repeat_interleave") \
+            and isinstance(value.args[0], fx.Node) and isinstance(shapes.get(value.args[0]),
+                                                                  tuple) \
+            and len(shapes[value.args[0]]) > axis and shapes[value.args[0]][axis] == 1 \
+            and length > 1:
+        return [False] * length   # one row copied to fill the sequence: padding
     return [value in image] * length
 
 
@@ -671,6 +707,20 @@ def fixed_rows(graph: fx.Graph, chain_input: fx.Node, shapes: Mapping | None,
             aligned = [i for i in node.all_input_nodes if isinstance(shapes.get(i), tuple)
                        and len(shapes[i]) == rank and shapes[i][token_axis] == shape[token_axis]]
             layouts = {tuple(r) for r in map(rows, aligned) if r and len(r) > 1}
+            stacked = _stacked_rows(node, shapes, image, token_axis, rank) \
+                if not aligned else None
+            if stacked is not None:
+                layouts = {tuple(stacked)}
+            elif not aligned and node in image and sum(
+                    1 for i in node.all_input_nodes if _reads_values_of(node, i) and
+                    isinstance(shapes.get(i), tuple) and len(shapes[i]) >= 2) > 1:
+                # the token axis is made here (pad_sequence, stack, a reshape) from image
+                # values and others: which rows are which cannot be followed
+                raise TokenAxisError(
+                    f"{node.name!r} ({_op_name(node) or node.op}) builds the token axis of "
+                    f"the blocks' input from the image and from other values (text?), in a "
+                    f"way tread_fx cannot follow row by row. Pass prefix_tokens=<count> to "
+                    f"route() if the image rows always come after that many other rows")
             if len(layouts) > 1:
                 raise TokenAxisError(
                     f"{node.name!r} combines token sequences laid out differently "
@@ -699,6 +749,19 @@ def fixed_rows(graph: fx.Graph, chain_input: fx.Node, shapes: Mapping | None,
         return _written_rows(node, before, shapes, image, token_axis, rank, rows)
 
     _refuse_in_place_writes(graph, chain_input)
+    for node in nx.ancestors(data_flow(graph), chain_input) | {chain_input}:
+        cond = node.args[0] if _op_name(node) == "where" and len(node.args) == 3 else None
+        values = [v for v in node.args[1:] if isinstance(v, fx.Node)] if cond is not None \
+            else []
+        if isinstance(cond, fx.Node) and isinstance(shapes.get(cond), tuple) and \
+                sum(d > 1 for d in shapes[cond]) >= 1 and any(v in image for v in values) \
+                and any(v not in image for v in values):
+            raise TokenAxisError(
+                f"{node.name!r} (where) replaces rows of values the blocks' input is built "
+                f"from by another value (a pad token?) at positions a mask chooses, so which "
+                f"rows are image tokens depends on the mask's values. Pass "
+                f"prefix_tokens=<count> to route() if the image rows always come after that "
+                f"many other rows")
     layout = rows(chain_input) or [(shapes[chain_input][token_axis], True)]
     if not any(is_image for _, is_image in layout):
         raise TokenAxisError(
@@ -817,7 +880,8 @@ def plan_routes(graph: fx.Graph, chain: BlockChain, routes: Sequence[Route],
                     side = _annotated(side, axis, shape, batch_axes,
                                       hidden[axes[0]] if hidden else None)
                 elif hidden is not None and _other_stream(value, chain) and \
-                        isinstance(shape, tuple) and hidden[axes[1]] in shape[1:]:
+                        isinstance(shape, tuple) and len(shape) >= 3 and \
+                        hidden[axes[1]] in shape[1:-1]:   # not the feature axis
                     raise TokenAxisError(
                         f"{side.arg} ({value.name}, shape {shape}) is the other stream a "
                         f"chain block returns (text?), and it has as many rows as the "

@@ -257,3 +257,85 @@ def test_an_embedder_feeding_the_blocks_is_not_the_first_block():
     routed = tread_fx.route(model, "0:1@0.5", example_inputs=inputs)
     assert routed.block_chain == ("blocks.0", "blocks.1", "blocks.2", "blocks.3")
     _verified(model, "0:1@0.5", inputs)
+
+
+class Buffered(nn.Module):
+    """The joint stream written into a zeros buffer; an exported graph keeps copy_."""
+
+    def __init__(self, variant):
+        super().__init__()
+        self.variant = variant
+        self.embed, self.text = nn.Linear(4, D), nn.Linear(6, D)
+        self.blocks = nn.ModuleList(Block() for _ in range(4))
+
+    def forward(self, x, context):
+        h, e = self.embed(x), self.text(context)
+        if self.variant == "buffer":
+            buf = torch.zeros(h.shape[0], T + h.shape[1], D)
+            buf[:, :T] = e
+            buf[:, T:] = h
+        else:   # registers made with new_zeros: not image rows though built from h's dtype
+            buf = torch.cat([h, h.new_zeros(h.shape[0], 2, D) + 1.0], dim=1)
+        for b in self.blocks:
+            buf = b(buf)
+        return buf
+
+
+def test_an_exported_in_place_write_into_the_stream_buffer_is_refused():
+    inputs = (_x(), torch.randn(2, T, 6))
+    with pytest.raises(tread_fx.TokenAxisError, match=r"copy_.*writes in place into"):
+        tread_fx.route(Buffered("buffer"), "1:2@0.5", example_inputs=inputs,
+                       front_end="export")
+    # the concrete tracer follows the same writes
+    routed = tread_fx.route(Buffered("buffer"), "1:2@0.5", example_inputs=inputs,
+                            front_end="concrete")
+    assert routed.selectors[0].fixed == (T, 0)
+
+
+def test_rows_made_with_new_zeros_are_not_image_rows():
+    routed = tread_fx.route(Buffered("registers"), "1:2@0.5", example_inputs=(_x(),
+                                                                             torch.randn(2, T, 6)))
+    assert routed.selectors[0].fixed == (0, 2)
+
+
+class Skipping(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(4, D)
+        self.in_blocks = nn.ModuleList(Block() for _ in range(4))
+        self.mid_block, self.out_block = Block(), Block()
+
+    def forward(self, x):
+        x = self.embed(x)
+        for b in self.in_blocks:
+            x = b(x)
+        skip = x
+        x = self.mid_block(x)
+        return self.out_block(x + skip)
+
+
+def test_a_chain_that_would_go_around_a_block_is_refused():
+    with pytest.raises(tread_fx.NoBlocksFound, match="mid_block belong"):
+        tread_fx.route(Skipping(), "1:2@0.5", example_inputs=(_x(),))
+
+
+class Lists(nn.Module):
+    """Two ModuleLists of equal blocks must not hide the blocks inside them."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(4, D)
+        self.in_blocks = nn.ModuleList(Block() for _ in range(4))
+        self.mid_blocks = nn.ModuleList(Block() for _ in range(2))
+        self.out_blocks = nn.ModuleList(Block() for _ in range(2))
+
+    def forward(self, x):
+        x = self.embed(x)
+        for b in [*self.in_blocks, *self.mid_blocks, *self.out_blocks]:
+            x = b(x)
+        return x
+
+
+def test_module_lists_are_containers_not_blocks():
+    routed = tread_fx.route(Lists(), "-2:-1@0.5", example_inputs=(_x(),))
+    assert len(routed.block_chain) == 8 and routed.block_chain[-1] == "out_blocks.1"
