@@ -27,7 +27,7 @@ __all__ = [
 TRAIN_HELP = """\
 ``tread-fx train``: train a small DiT with (or without) TREAD routing, resumably.
 
-    tread-fx train                                  # MNIST-5k digits, routed, ~3 minutes on 2 CPU cores
+    tread-fx train                                  # MNIST-5k digits, routed, minutes on 2 idle CPU cores
     tread-fx train --routes none --out runs/dense   # the dense baseline
     tread-fx train --data my_images/ --steps 5000   # a folder of images (sub-folders = classes)
     tread-fx train --resume --steps 2000            # continue the run in --out up to step 2000
