@@ -612,6 +612,13 @@ _VIEWS = {"slice", "select", "view", "reshape", "unsqueeze", "squeeze", "transpo
           "movedim", "diagonal", "alias", "split", "chunk", "unbind", "getitem"}
 
 
+# In-place ops that write rows (another tensor's values, or constants into some rows);
+# elementwise arithmetic in place (x.div_(d)) moves no rows and is not among them.
+_ROW_WRITES = {"copy_", "index_put_", "index_copy_", "index_add_", "masked_scatter_",
+               "scatter_", "scatter_add_", "scatter_reduce_", "put_", "index_fill_",
+               "masked_fill_", "fill_", "zero_"}
+
+
 def _refuse_in_place_writes(graph: fx.Graph, chain_input: fx.Node) -> None:
     """An in-place write (``copy_``, ``index_put_``, ``fill_``: what an exported graph keeps
     of ``buf[:, :t] = text``) into a tensor the blocks' input is built from, or into a view
@@ -628,8 +635,7 @@ def _refuse_in_place_writes(graph: fx.Graph, chain_input: fx.Node) -> None:
                 name = _op_name(user)
                 if not user.args or user.args[0] is not n:
                     continue
-                if name.endswith("_") and not name.startswith("_") and \
-                        name not in ("detach_", "requires_grad_", "share_memory_"):
+                if name in _ROW_WRITES:
                     raise TokenAxisError(
                         f"{user.name!r} ({name}) writes in place into {node.name!r}, from "
                         f"which the blocks' input is built; which of its rows are image "
