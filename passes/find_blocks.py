@@ -173,6 +173,15 @@ _STREAM_OPS = {"add", "sub", "mul", "to", "type_as", "float", "contiguous"}
 _CASTS = {"to", "type_as", "float", "contiguous"}
 
 
+def op_name(node: fx.Node) -> str:
+    """``add`` for ``x.add(y)``, ``torch.add`` and ``aten.add.Tensor``; "" for other nodes."""
+    if node.op == "call_method":
+        return node.target
+    if node.op == "call_function":
+        return getattr(node.target, "__name__", "").split(".")[0]
+    return ""
+
+
 def _carries_stream(user: fx.Node, value: fx.Node) -> bool:
     """Whether ``user`` passes the stream ``value`` on: a cast of it, or an addition /
     product of it with a value that was not computed before it on its way here (a hint
@@ -181,8 +190,7 @@ def _carries_stream(user: fx.Node, value: fx.Node) -> bool:
     chain."""
     if user.op not in ("call_function", "call_method") or value not in user.args:
         return False
-    name = (user.target if user.op == "call_method" else
-            getattr(user.target, "__name__", "").split(".")[0]).rstrip("_")
+    name = op_name(user).rstrip("_")
     if name in _CASTS:
         return user.args[0] is value
     if name not in _STREAM_OPS:
@@ -200,10 +208,7 @@ def _is_branch(call: fx.Node) -> bool:
     while todo:
         value = todo.pop()
         for user in value.users:
-            name = (user.target if user.op == "call_method" else
-                    getattr(user.target, "__name__", "").split(".")[0]).rstrip("_")
-            if user.op not in ("call_function", "call_method"):
-                continue
+            name = op_name(user).rstrip("_")
             if name in _CASTS and user.args and user.args[0] is value:
                 todo.append(user)
             elif name in _STREAM_OPS and any(other in inputs for other in

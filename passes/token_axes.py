@@ -41,6 +41,7 @@ from torch import fx
 from tread_fx.spec import Route
 
 from .find_blocks import BlockChain
+from .find_blocks import op_name as _op_name
 from .trace import assign_index
 from .trace import shape_tree
 
@@ -397,11 +398,16 @@ def _stacked_rows(node: fx.Node, shapes: Mapping, image: set[fx.Node], token_axi
             return None
         flags = _value_rows(seq, shapes, image, 0, shape[0]) + [False] * (n - shape[0])
         layouts.append(flags)
-    if any(f != layouts[0] for f in layouts[1:]):
+    return _one_layout(node, layouts)
+
+
+def _one_layout(node: fx.Node, per_sample: list[list[bool]]) -> list[tuple[int, bool]]:
+    """The rows' layout all samples share (per row: image or not), or refused."""
+    if any(f != per_sample[0] for f in per_sample[1:]):
         raise TokenAxisError(f"{node.name!r}: the samples' streams are laid out differently "
                              f"(text of different lengths?); which rows are image tokens "
                              f"differs per sample. Pass prefix_tokens=<count> to route()")
-    return [(1, f) for f in layouts[0]]
+    return [(1, f) for f in per_sample[0]]
 
 
 def _reads_values_of(user: fx.Node, node: fx.Node) -> bool:
@@ -461,12 +467,6 @@ def _places_rows(node: fx.Node, token_axis: int, rank: int) -> bool:
     return dim % rank == token_axis
 
 
-def _op_name(node: fx.Node) -> str:
-    if node.op == "call_method":
-        return node.target
-    if node.op == "call_function":
-        return getattr(node.target, "__name__", "").split(".")[0]
-    return ""
 
 
 def _image_rows_of(sources: Sequence[fx.Node],
@@ -504,10 +504,10 @@ def _image_rows_of(sources: Sequence[fx.Node],
     return seen
 
 
-def _image_inputs(graph: fx.Graph, chain_input: fx.Node) -> tuple[list[fx.Node], bool]:
-    """The forward's image input: the placeholder (of those that reach the blocks) named
-    like one, else the first; and whether it was found by its name (or is the only one)."""
-    upstream = nx.ancestors(data_flow(graph), chain_input) | {chain_input}
+def _image_inputs(graph: fx.Graph, upstream: set[fx.Node]) -> tuple[list[fx.Node], bool]:
+    """The forward's image input: the placeholder (of those the blocks' input is built
+    from, ``upstream``) named like one, else the first; and whether it was found by its
+    name (or is the only one)."""
     places = [n for n in graph.nodes if n.op == "placeholder" and n in upstream]
     named = [n for n in places if n.target.lstrip("*") in IMAGE_NAMES]
     return (named[:1] or places[:1]), bool(named) or len(places) <= 1
@@ -614,16 +614,15 @@ _VIEWS = {"slice", "select", "view", "reshape", "unsqueeze", "squeeze", "transpo
 
 # In-place ops that write rows (another tensor's values, or constants into some rows);
 # elementwise arithmetic in place (x.div_(d)) moves no rows and is not among them.
-_ROW_WRITES = {"copy_", "index_put_", "index_copy_", "index_add_", "masked_scatter_",
-               "scatter_", "scatter_add_", "scatter_reduce_", "put_", "index_fill_",
-               "masked_fill_", "fill_", "zero_"}
+_ROW_WRITES = {f"{name}_" for name in _ROW_PLACING} | {"copy_", "masked_fill_", "fill_",
+                                                        "zero_"}
 
 
-def _refuse_in_place_writes(graph: fx.Graph, chain_input: fx.Node) -> None:
+def _refuse_in_place_writes(graph: fx.Graph, upstream: set[fx.Node]) -> None:
     """An in-place write (``copy_``, ``index_put_``, ``fill_``: what an exported graph keeps
-    of ``buf[:, :t] = text``) into a tensor the blocks' input is built from, or into a view
-    of it, changes rows the row analysis follows by data flow alone: refused."""
-    upstream = nx.ancestors(data_flow(graph), chain_input) | {chain_input}
+    of ``buf[:, :t] = text``) into a tensor the blocks' input is built from (``upstream``),
+    or into a view of it, changes rows the row analysis follows by data flow alone:
+    refused."""
     for node in [n for n in graph.nodes if n in upstream]:
         todo, seen = [node], set()
         while todo:
@@ -670,7 +669,8 @@ def fixed_rows(graph: fx.Graph, chain_input: fx.Node, shapes: Mapping | None,
                 return None
             todo.extend(i for i in node.all_input_nodes if not _is_metadata(i))
         return (0, 0)
-    image_inputs, sure = _image_inputs(graph, chain_input)
+    upstream = nx.ancestors(data_flow(graph), chain_input) | {chain_input}
+    image_inputs, sure = _image_inputs(graph, upstream)
     image = _image_rows_of(image_inputs, streams)
     rank = len(shapes[chain_input])
     memo: dict[fx.Node, Any] = {}
@@ -702,13 +702,7 @@ def fixed_rows(graph: fx.Graph, chain_input: fx.Node, shapes: Mapping | None,
                 f"on input values that tread_fx does not read. Pass prefix_tokens=<count> to "
                 f"route() if the image rows always come after that many other rows")
         elif node.op == "call_function" and node.target is assign_index:
-            flags = per_sample(node)
-            if any(f != flags[0] for f in flags[1:]):
-                raise TokenAxisError(
-                    f"{node.name!r}: the samples' streams are laid out differently (text of "
-                    f"different lengths?); which rows are image tokens differs per sample. "
-                    f"Pass prefix_tokens=<count> to route()")
-            result = [(1, f) for f in flags[0]]
+            result = _one_layout(node, per_sample(node))
         else:
             aligned = [i for i in node.all_input_nodes if isinstance(shapes.get(i), tuple)
                        and len(shapes[i]) == rank and shapes[i][token_axis] == shape[token_axis]]
@@ -754,8 +748,8 @@ def fixed_rows(graph: fx.Graph, chain_input: fx.Node, shapes: Mapping | None,
             before = [[f for length, f in layout for _ in range(length)]] * batch
         return _written_rows(node, before, shapes, image, token_axis, rank, rows)
 
-    _refuse_in_place_writes(graph, chain_input)
-    for node in nx.ancestors(data_flow(graph), chain_input) | {chain_input}:
+    _refuse_in_place_writes(graph, upstream)
+    for node in upstream:
         cond = node.args[0] if _op_name(node) == "where" and len(node.args) == 3 else None
         values = [v for v in node.args[1:] if isinstance(v, fx.Node)] if cond is not None \
             else []
@@ -777,8 +771,7 @@ def fixed_rows(graph: fx.Graph, chain_input: fx.Node, shapes: Mapping | None,
     if len(layout) == 1:
         return (0, 0)
     if not sure:
-        names = [n.target for n in graph.nodes if n.op == "placeholder"
-                 and n in nx.ancestors(data_flow(graph), chain_input)]
+        names = [n.target for n in graph.nodes if n.op == "placeholder" and n in upstream]
         raise TokenAxisError(
             f"the blocks' input {chain_input.name!r} concatenates rows computed from several "
             f"forward arguments ({names}) and none is named like the image input "

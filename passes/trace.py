@@ -479,61 +479,17 @@ def trace_modes(model: nn.Module, leaves: Iterable[nn.Module], example_inputs: A
     (default: :func:`mode_flags` for ``train`` and ``eval``).  Tries torch.fx first (unless
     ``front_end="concrete"``); if it fails and ``example_inputs`` are given, traces
     concretely on them.  The model's mode flags and random state are restored afterwards,
-    and any constant the tracer had to store on the model is taken off it again.
+    and any constant the tracer had to store on the model is taken off it again; so are
+    the attributes its modules' code set while it ran (each mode is traced from the model
+    as it was: :func:`preserved_attributes`).
     """
-    return _trace_modes(model, list(leaves), example_inputs, modes, front_end, dynamic)
-
-
-@contextmanager
-def preserved_attributes(model: nn.Module, keep_root_new: bool = False) -> Iterator[None]:
-    """Every module's plain attributes as they were: a tracer runs the model's Python, and
-    a cache it fills (``self._freqs_cache = (key, proxy)``) would break the user's model.
-    ``keep_root_new``: attributes added to the root stay (a tracer's tensor constants,
-    which the caller takes off)."""
-    kept = ("_parameters", "_buffers", "_modules")
-    saved = [(m, {k: v for k, v in vars(m).items() if k not in kept}) for m in model.modules()]
-    # a dict, list or set attribute keeps its identity and gets its contents back (a cache
-    # filled in place: self._cache[n] = table)
-    contents = [(v, copy.copy(v)) for _, attrs in saved for k, v in attrs.items()
-                if type(v) in (dict, list, set) and not k.startswith("_forward")
-                and not k.startswith("_backward") and not k.startswith("_state_dict")
-                and not k.startswith("_load_state_dict")]
-    try:
-        yield
-    finally:
-        for container, before in contents:
-            if container != before if not isinstance(container, dict) else \
-                    container.keys() != before.keys() or any(
-                        container[k] is not before[k] for k in before):
-                container.clear()
-                if isinstance(container, dict):
-                    container.update(before)
-                elif isinstance(container, list):
-                    container.extend(before)
-                else:
-                    container.update(before)
-        for m, attrs in saved:
-            if m is model and keep_root_new:
-                added = set()
-            else:
-                added = {k for k in vars(m) if k not in kept and k not in attrs}
-            for k in added:
-                del m.__dict__[k]
-            for k, v in attrs.items():
-                if m.__dict__.get(k, attrs) is not v:
-                    m.__dict__[k] = v
-
-
-def _trace_modes(model: nn.Module, leaves: list[nn.Module], example_inputs: Any,
-                 modes: Mapping[str, list[tuple[nn.Module, bool]]] | None,
-                 front_end: str | None, dynamic: bool) -> Traced:
+    leaves = list(leaves)
     if modes is None:
         modes = {"train": mode_flags(model, True), "eval": mode_flags(model, False)}
     failures = []
     if front_end in (None, "fx"):
         try:
-            with preserved_attributes(model):   # each front end starts from the model
-                return _trace(model, lambda: _LeafTracer(leaves), modes, "fx")
+            return _trace(model, lambda: _LeafTracer(leaves), modes, "fx")
         except TraceError as fx_error:
             if example_inputs is None or front_end == "fx":
                 raise TraceError(
@@ -549,16 +505,14 @@ def _trace_modes(model: nn.Module, leaves: list[nn.Module], example_inputs: Any,
     shapes = {k: shape_tree(v) for k, v in inputs.items() if has_tensor(v)}
     if front_end in (None, "export"):
         try:
-            with preserved_attributes(model):
-                return _export_modes(model, leaves, inputs, modes, shapes, dynamic)
+            return _export_modes(model, leaves, inputs, modes, shapes, dynamic)
         except TraceError as err:
             if front_end == "export":
                 raise
             failures.append(str(err).split("\n")[0])
     try:
-        with preserved_attributes(model):
-            traced = _trace(model, lambda: _ConcreteTracer(leaves, inputs), modes,
-                            "concrete", shapes)
+        traced = _trace(model, lambda: _ConcreteTracer(leaves, inputs), modes, "concrete",
+                        shapes)
     except TraceError as err:
         if failures:
             raise TraceError("; ".join(failures + [str(err)])) from err
@@ -566,6 +520,39 @@ def _trace_modes(model: nn.Module, leaves: list[nn.Module], example_inputs: Any,
     traced.baked = {k: v for k, v in inputs.items() if not has_tensor(v)}
     traced.failures = failures
     return traced
+
+
+@contextmanager
+def preserved_attributes(model: nn.Module, keep_root_new: bool = False) -> Iterator[None]:
+    """Every module's plain attributes as they were: a tracer runs the model's Python, and
+    a cache it fills (``self._freqs_cache = (key, proxy)``) would break the user's model.
+    ``keep_root_new``: attributes added to the root stay (a tracer's tensor constants,
+    which the caller takes off)."""
+    kept = ("_parameters", "_buffers", "_modules")
+    saved = [(m, {k: v for k, v in vars(m).items() if k not in kept}) for m in model.modules()]
+    # a plain dict, list or set attribute keeps its identity and gets its contents back (a
+    # cache filled in place: self._cache[n] = table); hook registries are OrderedDicts
+    contents = [(v, copy.copy(v)) for _, attrs in saved for v in attrs.values()
+                if type(v) in (dict, list, set)]
+    try:
+        yield
+    finally:
+        for container, before in contents:
+            container.clear()
+            if isinstance(container, list):
+                container.extend(before)
+            else:
+                container.update(before)
+        for m, attrs in saved:
+            if m is model and keep_root_new:
+                added = set()
+            else:
+                added = {k for k in vars(m) if k not in kept and k not in attrs}
+            for k in added:
+                del m.__dict__[k]
+            for k, v in attrs.items():
+                if m.__dict__.get(k, attrs) is not v:
+                    m.__dict__[k] = v
 
 
 def _export_modes(model: nn.Module, leaves: list[nn.Module], inputs: dict[str, Any],
