@@ -183,12 +183,9 @@ class TreadGraphModule(fx.GraphModule):
         for name, child in list(self._modules.items()):   # replaced on the routed module
             if name != "_tread" and id(child) != before.get(name):
                 model._modules[name] = child
-        tread = self._modules.pop("_tread")
-        for name in [n for n in self._modules if n not in model._modules]:
-            del self._modules[name]
-        for name, child in model._modules.items():        # replaced on the model
-            if name != "_tread":
-                self._modules[name] = child
+        tread = self._modules["_tread"]                    # and those replaced on the model
+        self._modules.clear()
+        self._modules.update((k, v) for k, v in model._modules.items() if k != "_tread")
         self._modules["_tread"] = tread
         self._variants.clear()
         self._remember_structure()

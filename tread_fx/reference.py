@@ -61,11 +61,35 @@ _HIDDEN = ("x", "hidden_states", "hidden", "h", "img", "image", "tokens")
 
 
 def _hidden_key(args: tuple, kwargs: dict):
-    """Where a block takes its token stream: a conventional keyword, else argument 0."""
+    """Where a block takes its token stream: a conventional keyword, else argument 0 (the
+    first keyword for a block called with keywords only)."""
     for key in _HIDDEN:
         if key in kwargs:
             return key
-    return 0
+    return 0 if args or not kwargs else next(iter(kwargs))
+
+
+def _stream_output(out: Any, shape: torch.Size, name: str) -> int | None:
+    """Where a block's output holds its token stream: None for a tensor output, else the
+    index of the one tuple element shaped like the block's input (RuntimeError if there is
+    not exactly one)."""
+    if torch.is_tensor(out):
+        return None
+    same = [k for k, o in enumerate(out) if torch.is_tensor(o) and o.shape == shape]
+    if len(same) != 1:
+        raise RuntimeError(f"{name} returns {len(same)} tensors shaped like its hidden input "
+                           f"{tuple(shape)}; which one carries the tokens is ambiguous to the "
+                           f"reference: cannot verify")
+    return same[0]
+
+
+def _with_stream(out: Any, at: int | None, value: torch.Tensor) -> Any:
+    """``out`` with its token stream (``at``, from :func:`_stream_output`) replaced."""
+    if at is None:
+        return value
+    items = list(out)
+    items[at] = value
+    return type(out)(items)
 
 
 def _with_hidden(args: tuple, kwargs: dict, key, x: torch.Tensor) -> tuple[tuple, dict]:
@@ -302,27 +326,12 @@ def masked_reference(model: nn.Module, inputs: Any, blocks: Sequence[nn.Module],
                     f"cannot verify")
             x_in, keep = entering[r], masks[r] if axes[r] == 1 else masks[r].T
             keep = keep.reshape(*keep.shape, *[1] * (x_in.dim() - 2))
-            if torch.is_tensor(out):
-                at = None
-            else:
-                same = [k for k, o in enumerate(out)
-                        if torch.is_tensor(o) and o.shape == x_in.shape]
-                if len(same) != 1:
-                    raise RuntimeError(
-                        f"block {i} returns {len(same)} tensors shaped like its hidden input "
-                        f"{tuple(x_in.shape)}; which one carries the tokens is ambiguous to "
-                        f"the reference: cannot verify")
-                at = same[0]
+            at = _stream_output(out, x_in.shape, f"block {i}")
             hidden = out if at is None else out[at]
             if hidden.shape != x_in.shape:
                 raise RuntimeError(f"block {i} returns {tuple(hidden.shape)}, expected the "
                                    f"hidden state {tuple(x_in.shape)}")
-            hidden = torch.where(keep, hidden, x_in.to(hidden.dtype))
-            if at is None:
-                return hidden
-            items = list(out)
-            items[at] = hidden
-            return type(out)(items)
+            return _with_stream(out, at, torch.where(keep, hidden, x_in.to(hidden.dtype)))
         return hook
 
     handles = []

@@ -204,24 +204,20 @@ def _unread_rows(model: nn.Module, inputs: Any, last: nn.Module, seed: int, batc
     """The token count of the stream at the last block's output and the rows the output
     does not read (zero gradient in every sample and feature), or None if that stream is
     not found."""
+    from .reference import _hidden_of, _stream_output, _with_stream
     found: dict[str, Any] = {}
 
     def hook(module, args, kwargs, out):
-        x = args[0] if args else next(iter(kwargs.values()))
-        for key in ("x", "hidden_states", "hidden", "h", "img", "image", "tokens"):
-            if key in kwargs:
-                x = kwargs[key]
-                break
-        items = [out] if torch.is_tensor(out) else list(out)
-        same = [k for k, o in enumerate(items) if torch.is_tensor(o) and o.shape == x.shape]
-        if len(same) != 1:
+        x = _hidden_of(args, kwargs)
+        try:
+            at = _stream_output(out, x.shape, "the last block")
+        except RuntimeError:
             return None
-        leaf = items[same[0]].detach().requires_grad_(True)
-        found["leaf"] = leaf
-        if torch.is_tensor(out):
-            return leaf
-        items[same[0]] = leaf
-        return type(out)(items)
+        hidden = out if at is None else out[at]
+        if hidden.shape != x.shape:
+            return None
+        found["leaf"] = leaf = hidden.detach().requires_grad_(True)
+        return _with_stream(out, at, leaf)
 
     handle = last.register_forward_hook(hook, with_kwargs=True)
     try:
@@ -251,9 +247,9 @@ def _image_free_rows(model: nn.Module, inputs: Any, first: nn.Module, batch: int
     the image input changes (text, class, register, time tokens), measured on the dense
     model: the forward argument named like the image (else the first tensor) gets noise."""
     from .reference import _hidden_of, _token_axis
-    bound = inspect.signature(model.forward).bind(
-        **inputs) if isinstance(inputs, Mapping) else inspect.signature(model.forward).bind(
-        *inputs)
+    signature = inspect.signature(model.forward)
+    bound = signature.bind(**inputs) if isinstance(inputs, Mapping) else \
+        signature.bind(*inputs)
     tensors = [k for k, v in bound.arguments.items() if torch.is_tensor(v)
                and v.is_floating_point()]
     names = [k for k in tensors if k in _IMAGE_NAMES] or tensors[:1]
@@ -274,7 +270,8 @@ def _image_free_rows(model: nn.Module, inputs: Any, first: nn.Module, batch: int
                     gen = torch.Generator().manual_seed(7)
                     call[names[0]] = image + torch.randn(image.shape, generator=gen).to(image)
                 torch.manual_seed(0)
-                model(*bound.signature.bind(**call).args, **bound.signature.bind(**call).kwargs)
+                again = bound.signature.bind(**call)
+                model(*again.args, **again.kwargs)
     finally:
         handle.remove()
     if len(seen) < 2 or seen[0].shape != seen[-1].shape:
