@@ -3,6 +3,7 @@
 import torch
 
 import tread_fx
+from tread_fx import TreadGraphModule
 from conftest import dit_inputs, tiny_dit
 
 
@@ -34,3 +35,113 @@ def test_compile_fullgraph_train_step():
     with torch.no_grad():
         torch.testing.assert_close(compiled(x, t, y), model.eval()(x, t, y),
                                    rtol=1e-4, atol=1e-5)
+
+
+# -- recompiles, regional compilation, diffusers models ------------------------------------
+import copy  # noqa: E402
+
+import pytest  # noqa: E402
+from torch._dynamo.testing import CompileCounterWithBackend  # noqa: E402
+
+
+def _counter():
+    # aot_eager: dynamo and autograd's graph capture as inductor sees them, without the C++
+    # compile (recompiles are decided by dynamo's guards, whatever the backend)
+    return CompileCounterWithBackend("aot_eager")
+
+
+def _compiled_graphs() -> int:
+    """Cache entries of the routed module's forward: one per (re)compilation (a compile
+    that restarts its analysis runs the backend twice, but caches one graph)."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+    return len(_debug_get_cache_entry_list(TreadGraphModule._dispatch.__code__))
+
+
+def _train_step(model, opt, x, t, y):
+    opt.zero_grad(set_to_none=True)
+    out = model(x, t, y)
+    out.square().mean().backward()
+    opt.step()
+    return out
+
+
+def test_fixed_shapes_compile_once_and_mode_and_ratio_changes_recompile_once_each():
+    torch._dynamo.reset()
+    routed = tread_fx.route(tiny_dit(depth=4, class_dropout_prob=0.0), "1:2@0.5").train()
+    counter = _counter()
+    compiled = torch.compile(routed, backend=counter)
+    opt = torch.optim.SGD(routed.parameters(), lr=1e-3)
+    x, t, y = dit_inputs(batch=2)
+    for _ in range(50):
+        _train_step(compiled, opt, x, t, y)
+    assert counter.frame_count == 1 and _compiled_graphs() == 1
+    routed.eval()
+    with torch.no_grad():
+        compiled(x, t, y)
+    routed.train()
+    _train_step(compiled, opt, x, t, y)
+    assert _compiled_graphs() == 2           # eval once; back to train: cached
+    with tread_fx.routing(routed, 0.25):
+        _train_step(compiled, opt, x, t, y)
+    _train_step(compiled, opt, x, t, y)
+    assert _compiled_graphs() == 3           # the new ratio once; back to 0.5: cached
+
+
+def test_compile_blocks_compiles_the_chain_once_per_token_count_and_leaves_the_model():
+    torch._dynamo.reset()
+    model = tiny_dit(depth=6, class_dropout_prob=0.0)
+    routed = tread_fx.route(model, "1:3@0.5", seed=3).train()
+    eager = tread_fx.route(model, "1:3@0.5", seed=3).train()   # the same draws
+    counter = _counter()
+    assert tread_fx.compile_blocks(routed, backend=counter) is routed
+    x, t, y = dit_inputs(batch=2)
+    for _ in range(4):
+        out, expected = routed(x, t, y), eager(x, t, y)
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    # six blocks, one compiled function: the full token count and the kept count
+    assert counter.frame_count == 2
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(routed(x, t, y).square().mean(), params)
+    expected = torch.autograd.grad(eager(x, t, y).square().mean(), params)
+    for g, e in zip(grads, expected):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+    # the routed module's code calls its blocks through the compiled function; the model's
+    # blocks themselves are not compiled, and the routed module's printed code is the graph
+    assert all(b._compiled_call_impl is None for b in model.blocks)
+    assert "call_compiled_block" not in routed.code
+    # eval: the dense computation, still through compiled blocks
+    routed.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(routed(x, t, y), model.eval()(x, t, y),
+                                   rtol=1e-5, atol=1e-6)
+    assert counter.frame_count == 3
+    # a copy calls its own blocks through the compiled function too
+    clone = copy.deepcopy(routed).train()
+    clone(x, t, y)
+    assert counter.frame_count == 3
+
+
+def test_compile_blocks_refuses_a_model_that_is_not_routed():
+    with pytest.raises(TypeError, match="compile_blocks"):
+        tread_fx.compile_blocks(tiny_dit(depth=2))
+
+
+@pytest.mark.parametrize("name", ["DiTTransformer2DModel", "SD3Transformer2DModel",
+                                  "FluxTransformer2DModel"])
+def test_exported_diffusers_models_compile_fullgraph_once(name):
+    pytest.importorskip("diffusers")
+    from tread_fx.tools import diffusers_zoo as zoo
+    case = next(c for c in zoo.CASES if c["name"] == name)
+    model, inputs = zoo.build(case)
+    routed = tread_fx.route(model, "1:-2@0.5", example_inputs=inputs).train()
+    torch._dynamo.reset()
+    counter = _counter()
+    compiled = torch.compile(routed, fullgraph=True, backend=counter)
+    for seed in range(3):
+        torch.manual_seed(seed)
+        out = compiled(**inputs)[0]
+        torch.manual_seed(seed)
+        expected = routed(**inputs)[0]
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+        out.square().mean().backward()
+    assert counter.frame_count == 1 and _compiled_graphs() == 1

@@ -6,6 +6,7 @@ See README.md for the semantics and the API.
 """
 
 from .api import is_routed, kept_masks, route, routing, unroute
+from .compile import compile_blocks
 from .explain import explain
 from .module import TreadGraphModule
 from .passes.find_blocks import NoBlocksFound
@@ -30,6 +31,7 @@ __all__ = [
     "TraceError",
     "TreadGraphModule",
     "VerifyReport",
+    "compile_blocks",
     "explain",
     "is_routed",
     "kept_masks",

@@ -13,6 +13,7 @@ from torch import fx, nn
 from tread_fx.passes.find_blocks import (BlockChain, NoBlocksFound, find_block_chain,
                                          find_candidates)
 from tread_fx.passes.insert_routes import insert_routes
+from tread_fx.passes.fp32_after_routes import fp32_after_routes
 from tread_fx.passes.check_routes import check_routes
 from tread_fx.passes.token_axes import plan_routes, probe_block_io, probe_shapes
 from tread_fx.passes.guards import Guard, module_tensors, value_guards
@@ -206,6 +207,8 @@ def _route_graphs(model: nn.Module, spec: RouteSpec, traced: Traced, chain: Bloc
                         i, meta["route"], meta["blocks"], spec.keep_order, spec.seed)
                     selector.fixed, selector.axes = meta["fixed"], meta["axes"]
                     selector.shared = meta["shared"]
+            if spec.fp32_after_route:
+                fp32_after_routes(g, chain, spec.routes)
             traced.shape_dependent |= any(p.fixed != (0, 0) or any(s.offset for s in p.side)
                                           for p in plans)
         guards = value_guards(g, traced.conversions.get(mode, ()))
@@ -236,7 +239,8 @@ def route(model: nn.Module, spec: Any, example_inputs: Any = None, *,
           keep_order: bool | None = None, seed: int | None = None,
           blocks: str | None = None, hidden: str | int | None = None,
           token_inputs: Mapping[str | int, Any] | None = None,
-          prefix_tokens: int | None = None, front_end: str | None = None) -> TreadGraphModule:
+          prefix_tokens: int | None = None, fp32_after_route: bool | None = None,
+          front_end: str | None = None) -> TreadGraphModule:
     """Return a routed copy of ``model`` that trains with TREAD token routing.
 
     Args:
@@ -254,8 +258,8 @@ def route(model: nn.Module, spec: Any, example_inputs: Any = None, *,
             tables, masks, skips) are found and gathered with the same indices and
             never-routed rows are kept; kept counts are validated; and the routed graph
             runs once in train mode as a safety check.
-        keep_order, seed, blocks, hidden, token_inputs, prefix_tokens: override the
-            spec's options (see :class:`RouteSpec`).
+        keep_order, seed, blocks, hidden, token_inputs, prefix_tokens, fp32_after_route:
+            override the spec's options (see :class:`RouteSpec`).
         front_end: ``"fx"``, ``"export"`` or ``"concrete"`` to use that tracer only; by
             default torch.fx, then (with example inputs) torch.export, then the concrete
             tracer, the first that traces the model.
@@ -268,7 +272,8 @@ def route(model: nn.Module, spec: Any, example_inputs: Any = None, *,
     """
     _refuse_wrappers(model)
     spec = parse_spec(spec, keep_order=keep_order, seed=seed, blocks=blocks, hidden=hidden,
-                      token_inputs=token_inputs, prefix_tokens=prefix_tokens)
+                      token_inputs=token_inputs, prefix_tokens=prefix_tokens,
+                      fp32_after_route=fp32_after_route)
     if front_end not in (None, "fx", "export", "concrete"):
         raise ValueError(f"front_end must be 'fx', 'export', 'concrete' or None, got "
                          f"{front_end!r}")

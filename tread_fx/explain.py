@@ -288,8 +288,9 @@ def strip_routes(graph: fx.Graph) -> fx.Graph:
         meta = node.meta.get(TREAD_META)
         if meta is None or meta["role"] == "select":
             continue
-        node.replace_all_uses_with(node.args[1] if meta["role"] in ("scatter", "scatter_escape")
-                                   else node.args[0])
+        node.replace_all_uses_with(
+            node.args[1] if meta["role"] in ("scatter", "scatter_escape", "fp32_on")
+            else node.args[0])
         copy.erase_node(node)
     for node in reversed(list(copy.nodes)):
         if TREAD_META in node.meta:

@@ -36,6 +36,17 @@ def _structure_changed(module: nn.Module, name: str, submodule: Any) -> None:
 torch.nn.modules.module.register_module_module_registration_hook(_structure_changed)
 
 
+@torch._dynamo.assume_constant_result
+def _sync_if_changed(module: "TreadGraphModule") -> bool:
+    """Re-sync ``module`` with its model when any module anywhere got a submodule since it
+    last looked.  Under torch.compile this runs once per (re)compilation, at trace time,
+    and leaves no guard behind: a guard on the counter would recompile whenever any module
+    anywhere is created; a changed module tree fails dynamo's own guards and recompiles."""
+    if module.__dict__.get("_structure_version") != _STRUCTURE[0]:
+        module._sync_structure()
+    return True
+
+
 class Variant:
     """One traced graph and what it was specialised on beyond its key."""
 
@@ -73,7 +84,12 @@ def _has_path(obj, path: str) -> bool:
     return True
 
 
-def _compile_graph(graph: fx.Graph, filename: str):
+def _compile_graph(graph: fx.Graph, filename: str, block_call=None, blocks=()):
+    """The forward function of ``graph``; with ``block_call`` (``compile_blocks``) every
+    call of a module in ``blocks`` goes through it."""
+    if block_call is not None:
+        from .compile import blocks_called_through
+        graph = blocks_called_through(graph, blocks, block_call)
     code = graph.python_code(root_module="self")
     namespace = dict(code.globals)
     exec(compile(code.src, filename, "exec"), namespace)  # noqa: S102 - fx's own codegen
@@ -141,13 +157,42 @@ class TreadGraphModule(fx.GraphModule):
         result = super().recompile()
         cls = type(self)
         cls._train_forward = cls.forward
+        call = self.__dict__.get("_block_call")
+        if call is not None:
+            cls._train_forward, _ = self._forward_of(self.graph, "train")
         if self._eval_graph is not None:
             cls._eval_forward, self._eval_code = _compile_graph(
                 self._eval_graph, f"<tread_fx eval graph of {cls.__name__}>")
+            if call is not None:
+                cls._eval_forward, _ = self._forward_of(self._eval_graph, "eval")
         else:
-            cls._eval_forward = cls.forward
+            cls._eval_forward = cls._train_forward
         cls.forward = TreadGraphModule._dispatch
         return result
+
+    def _forward_of(self, graph: fx.Graph, mode: str):
+        return _compile_graph(graph, f"<tread_fx {mode} graph of {type(self).__name__}>",
+                              self.__dict__.get("_block_call"),
+                              self.__dict__.get("block_chain", ()))
+
+    def _call_blocks_through(self, call, options: dict) -> None:
+        """Call every block of the chain through ``call`` from now on (``compile_blocks``):
+        in the train and eval forward, in every cached graph and in those traced later."""
+        self.__dict__["_block_call"] = call
+        self.__dict__["_block_compile_options"] = dict(options)
+        self.recompile()
+        for key, variants in self._variants.items():
+            self._variants[key] = [
+                Variant(self._variant_forward(v.graph, "variant"), v.names, v.guards,
+                        v.graph, v.check) for v in variants]
+
+    def _variant_forward(self, graph: fx.Graph, mode: str):
+        if graph is self.graph:
+            return type(self)._train_forward
+        if graph is self._eval_graph:
+            return type(self)._eval_forward
+        graph.owning_module = self
+        return self._forward_of(graph, mode)[0]
 
     def _tread_init(self, model: nn.Module, guard, example: dict | None) -> None:
         """Remember the model (to trace it again) and what its graphs are specialised on."""
@@ -193,13 +238,7 @@ class TreadGraphModule(fx.GraphModule):
     def _add_variant(self, graph: fx.Graph, mode: str, guards, key: tuple | None,
                      call: dict | None, check=None) -> Variant:
         guard = self._guard
-        if graph is self.graph:
-            forward = type(self)._train_forward
-        elif graph is self._eval_graph:
-            forward = type(self)._eval_forward
-        else:
-            graph.owning_module = self
-            forward, _ = _compile_graph(graph, f"<tread_fx {mode} graph of {type(self).__name__}>")
+        forward = self._variant_forward(graph, mode)
         names = None if not guard.inputs else [
             n.target for n in graph.nodes if n.op == "placeholder"]
         variant = Variant(forward, names, guards, graph, check)
@@ -215,8 +254,8 @@ class TreadGraphModule(fx.GraphModule):
 
     def _dispatch(self, *args: Any, **kwargs: Any) -> Any:
         guard = self.__dict__.get("_guard")
-        if guard is not None and self.__dict__.get("_structure_version") != _STRUCTURE[0]:
-            self._sync_structure()
+        if guard is not None:
+            _sync_if_changed(self)
         if guard is None:   # a graph the user traced: one graph for every call
             if self.training:
                 return self._train_forward(*args, **kwargs)
@@ -282,6 +321,8 @@ class TreadGraphModule(fx.GraphModule):
         for name in _EXTRA_ATTRS:
             if name in self.__dict__:
                 setattr(other, name, copy.copy(self.__dict__[name]))
+        if "_block_call" in self.__dict__:
+            other._call_blocks_through(self._block_call, self._block_compile_options)
         return other
 
     def __deepcopy__(self, memo: dict[int, Any]) -> "TreadGraphModule":

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.amp.autocast_mode import _enter_autocast, _exit_autocast
 
 from .spec import Route, check_ratio, kept_count
 
-__all__ = ["TokenSelector", "check_side_input", "check_side_output", "gather_side",
-           "gather_tokens", "scatter_tokens", "select_tokens"]
+__all__ = ["TokenSelector", "autocast_off", "autocast_restore", "check_side_input",
+           "check_side_output", "float32_input", "gather_side", "gather_tokens",
+           "scatter_tokens", "select_tokens"]
 
 
 def select_tokens(
@@ -240,6 +242,35 @@ def check_side_output(value, full: torch.Tensor, indices: torch.Tensor | None,
             f"{kept} kept tokens on axis 1 (of {total}); it cannot be used outside the route. "
             f"End the route before that block, or use only its hidden-state output")
     return value
+
+
+# Device types whose autocast the block after a route turns off (``fp32_after_route``):
+# turning off one that is not in use costs nothing, and the graph need not know the device.
+_AUTOCAST_DEVICES = ("cpu", "cuda")
+
+
+def autocast_off(indices: torch.Tensor | None):
+    """Enter autocast-off for the block after a route (``None``: the route is inactive and
+    the block runs as the model has it).  Returns what :func:`autocast_restore` exits."""
+    if indices is None:
+        return None
+    return tuple(_enter_autocast(device, None, False, None) for device in _AUTOCAST_DEVICES)
+
+
+def autocast_restore(contexts, value):
+    """Leave the autocast-off of :func:`autocast_off`; returns the block's output."""
+    if contexts is not None:
+        for context in reversed(contexts):
+            _exit_autocast(context)
+    return value
+
+
+def float32_input(value, indices: torch.Tensor | None):
+    """A half-precision tensor argument of the block after an active route, in float32."""
+    if indices is None or not isinstance(value, torch.Tensor) or value.dtype not in (
+            torch.float16, torch.bfloat16):
+        return value
+    return value.float()
 
 
 class TokenSelector(nn.Module):

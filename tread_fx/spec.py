@@ -58,6 +58,9 @@ class RouteSpec:
             an input that is not per-token.
         prefix_tokens: leading tokens that are never routed (a ViT's class token, U-ViT's
             time and label tokens); detected from the example inputs when not given.
+        fp32_after_route: run the block right after each route with autocast off and its
+            half-precision inputs in float32 while the route is active, as the official
+            code does under mixed precision.
     """
 
     routes: tuple[Route, ...]
@@ -67,6 +70,7 @@ class RouteSpec:
     hidden: str | int | None = None
     token_inputs: Mapping[str | int, Any] | None = None
     prefix_tokens: int | None = None
+    fp32_after_route: bool = False
 
     def __str__(self) -> str:
         return ",".join(str(r) for r in self.routes)
@@ -214,7 +218,8 @@ def _route_from_any(item: Any, i: int) -> Route:
     )
 
 
-_OPTIONS = ("keep_order", "seed", "blocks", "hidden", "token_inputs", "prefix_tokens")
+_OPTIONS = ("keep_order", "seed", "blocks", "hidden", "token_inputs", "prefix_tokens",
+            "fp32_after_route")
 
 
 def parse_spec(spec: Any, **options: Any) -> RouteSpec:
@@ -230,7 +235,7 @@ def parse_spec(spec: Any, **options: Any) -> RouteSpec:
         extra = sorted(set(spec) - {"routes", *_OPTIONS})
         if extra:
             raise ValueError(
-                f"route spec: unknown field(s) {extra}; expected routes, keep_order, seed, blocks"
+                f"route spec: unknown field(s) {extra}; expected routes, {', '.join(_OPTIONS)}"
             )
         base = RouteSpec(
             routes=(),
@@ -267,8 +272,10 @@ def parse_spec(spec: Any, **options: Any) -> RouteSpec:
     if unknown:
         raise TypeError(f"route spec: unknown option(s) {unknown}")
     out = replace(base, routes=parsed, **overrides)
-    if not isinstance(out.keep_order, bool):
-        raise ValueError(f"route spec: keep_order must be True or False, got {out.keep_order!r}")
+    for flag in ("keep_order", "fp32_after_route"):
+        if not isinstance(getattr(out, flag), bool):
+            raise ValueError(f"route spec: {flag} must be True or False, got "
+                             f"{getattr(out, flag)!r}")
     if out.seed is not None and (isinstance(out.seed, bool) or not isinstance(out.seed, int)):
         raise ValueError(f"route spec: seed must be an int or None, got {out.seed!r}")
     if out.prefix_tokens is not None and (isinstance(out.prefix_tokens, bool) or not isinstance(
