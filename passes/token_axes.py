@@ -30,6 +30,7 @@ check refuses any that turns out to have a dimension of the token count.
 from __future__ import annotations
 
 import inspect
+import math
 import operator
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
@@ -646,6 +647,83 @@ def _refuse_in_place_writes(graph: fx.Graph, upstream: set[fx.Node]) -> None:
                     todo.append(user)
 
 
+# Ops that rearrange axes without moving rows along the token axis (a reshape that keeps
+# the token axis and the axes before it).
+_RESHAPES = {"reshape", "view", "_unsafe_view", "flatten", "unflatten", "unsqueeze", "squeeze"}
+
+
+def _source_axis(node: fx.Node, axis: int, shapes: Mapping) -> tuple[fx.Node, int] | None:
+    """``(input, its axis)`` whose rows are ``node``'s rows along ``axis``, when ``node``
+    only permutes or reshapes its input (HiDream pads its tokens in a ``[B, C, N, p*p]``
+    buffer, then permutes and reshapes it into the stream); None otherwise."""
+    source = node.args[0] if node.args else None
+    shape = shapes.get(node)
+    before = shapes.get(source) if isinstance(source, fx.Node) else None
+    if not (isinstance(before, tuple) and all(isinstance(d, int) for d in before)):
+        return None
+    name = _op_name(node)
+    if name == "permute":
+        dims = node.kwargs.get("dims", node.args[1:])
+        dims = dims[0] if len(dims) == 1 and isinstance(dims[0], (list, tuple)) else dims
+        if len(dims) == len(before) and all(isinstance(d, int) for d in dims):
+            return source, dims[axis] % len(before)
+    elif name in ("transpose", "swapaxes", "swapdims") and len(node.args) == 3 and \
+            all(isinstance(d, int) for d in node.args[1:]):
+        d0, d1 = (d % len(before) for d in node.args[1:])
+        return source, {d0: d1, d1: d0}.get(axis, axis)
+    elif name in _RESHAPES:
+        for j, d in enumerate(before):
+            if d == shape[axis] and math.prod(before[:j]) == math.prod(shape[:axis]):
+                return source, j
+    return None
+
+
+# Elementwise ops that add one value's rows to another's (where: refused on its own).
+_SUMS = {"add", "sub", "rsub"}
+
+
+def _value_sources(node: fx.Node) -> list[fx.Node]:
+    """The forward arguments whose values (not only metadata) ``node`` is computed from."""
+    found, seen, todo = [], set(), [node]
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "placeholder":
+            found.append(n)
+        todo.extend(i for i in n.all_input_nodes
+                    if not _is_metadata(i) and _reads_values_of(n, i))
+    return found
+
+
+def _refuse_mixed_rows(node: fx.Node, layouts: Mapping[fx.Node, list[tuple[int, bool]]],
+                       image_inputs: Sequence[fx.Node], shapes: Mapping, tokens: int) -> None:
+    """A sum of token-aligned values, one with image rows and one whose rows are all
+    computed from another forward argument with as many rows (Ideogram4 packs image and
+    text tokens in one sequence: ``x * image_mask + text * text_mask``): each row is an
+    image or another token depending on values tread_fx does not read; refused."""
+    if not any(f for layout in layouts.values() for _, f in layout):
+        return
+    for value, layout in layouts.items():
+        if any(f for _, f in layout):
+            continue
+        others = [p.target for p in _value_sources(value) if p not in image_inputs
+                  and isinstance(shapes.get(p), tuple) and tokens in shapes[p]]
+        if others:
+            raise TokenAxisError(
+                f"{node.name!r} ({_op_name(node)}) adds {value.name!r}, computed from the "
+                f"forward argument(s) {others} with {tokens} rows, to rows computed from "
+                f"the image input, row for row: the blocks' stream mixes the image with "
+                f"another input on the same {tokens} rows (image and text tokens packed in "
+                f"one sequence and chosen by masks, x * image_mask + text * text_mask?), so "
+                f"which rows are image tokens depends on input values tread_fx does not "
+                f"read. Routing could drop text rows. Pass prefix_tokens=<count of leading "
+                f"rows to keep> to route() if the image rows always come after that many "
+                f"other rows (prefix_tokens=0 if every row is an image token and "
+                f"{value.name!r} only conditions it)")
+
+
 def fixed_rows(graph: fx.Graph, chain_input: fx.Node, shapes: Mapping | None,
                token_axis: int = 1, streams: Mapping[fx.Node, tuple[Any, Any]] | None = None
                ) -> tuple[int, int] | None:
@@ -672,50 +750,58 @@ def fixed_rows(graph: fx.Graph, chain_input: fx.Node, shapes: Mapping | None,
     upstream = nx.ancestors(data_flow(graph), chain_input) | {chain_input}
     image_inputs, sure = _image_inputs(graph, upstream)
     image = _image_rows_of(image_inputs, streams)
-    rank = len(shapes[chain_input])
-    memo: dict[fx.Node, Any] = {}
+    memo: dict[tuple[fx.Node, int], Any] = {}
 
-    def rows(node: fx.Node) -> list[tuple[int, bool]] | None:
-        """[(length, is image)] along the token axis, or None if not token-aligned."""
-        if node in memo:
-            return memo[node]
-        memo[node] = None
+    def rows(node: fx.Node, axis: int = token_axis) -> list[tuple[int, bool]] | None:
+        """[(length, is image)] along ``axis`` of ``node``, or None if not a tensor."""
+        if (node, axis) in memo:
+            return memo[node, axis]
+        memo[node, axis] = None
         shape = shapes.get(node)
-        if not (isinstance(shape, tuple) and len(shape) == rank
+        if not (isinstance(shape, tuple) and len(shape) > axis
                 and all(isinstance(d, int) for d in shape)):
             return None
-        whole = [(shape[token_axis], node in image)]
+        rank = len(shape)
+        whole = [(shape[axis], node in image)]
         dim = _cat_dim(node)
-        if dim is not None and dim % rank == token_axis:
+        source = _source_axis(node, axis, shapes)
+        if dim is not None and dim % rank == axis:
             parts = []
             for p in node.args[0]:
-                got = rows(p) or [(shapes[p][token_axis], p in image)]
+                got = rows(p, axis) or [(shapes[p][axis], p in image)]
                 parts += got
             result = parts
         elif node.op in ("placeholder", "get_attr"):
             result = whole
         elif _op_name(node).rstrip("_") in _ROW_PLACING and node in image and \
-                _places_rows(node, token_axis, rank):
+                _places_rows(node, axis, rank):
             raise TokenAxisError(
                 f"{node.name!r} ({_op_name(node)}) places rows of the blocks' stream at "
                 f"positions given by an index tensor, so which rows are image tokens depends "
                 f"on input values that tread_fx does not read. Pass prefix_tokens=<count> to "
                 f"route() if the image rows always come after that many other rows")
         elif node.op == "call_function" and node.target is assign_index:
-            result = _one_layout(node, per_sample(node))
+            result = _one_layout(node, per_sample(node, axis))
+        elif source is not None:
+            result = rows(*source) or whole
         else:
             aligned = [i for i in node.all_input_nodes if isinstance(shapes.get(i), tuple)
-                       and len(shapes[i]) == rank and shapes[i][token_axis] == shape[token_axis]]
-            layouts = {tuple(r) for r in map(rows, aligned) if r and len(r) > 1}
-            stacked = _stacked_rows(node, shapes, image, token_axis, rank) \
+                       and len(shapes[i]) == rank and shapes[i][axis] == shape[axis]]
+            if _op_name(node).rstrip("_") in _SUMS:
+                _refuse_mixed_rows(node, {i: rows(i, axis) or [] for i in aligned},
+                                   image_inputs, shapes, shape[axis])
+            layouts = {tuple(r) for r in (rows(i, axis) for i in aligned) if r and len(r) > 1}
+            stacked = _stacked_rows(node, shapes, image, axis, rank) \
                 if not aligned else None
             if stacked is not None:
                 layouts = {tuple(stacked)}
             elif not aligned and node in image and sum(
                     1 for i in node.all_input_nodes if _reads_values_of(node, i) and
-                    isinstance(shapes.get(i), tuple) and len(shapes[i]) >= 2) > 1:
+                    isinstance(shapes.get(i), tuple) and len(shapes[i]) >= 2 and
+                    _value_sources(i)) > 1:
                 # the token axis is made here (pad_sequence, stack, a reshape) from image
-                # values and others: which rows are which cannot be followed
+                # values and other inputs' (a weight, as of a strided convolution that
+                # patchifies, is none): which rows are which cannot be followed
                 raise TokenAxisError(
                     f"{node.name!r} ({_op_name(node) or node.op}) builds the token axis of "
                     f"the blocks' input from the image and from other values (text?), in a "
@@ -733,20 +819,21 @@ def fixed_rows(graph: fx.Graph, chain_input: fx.Node, shapes: Mapping | None,
                 merged[-1] = (merged[-1][0] + length, is_image)
             else:
                 merged.append((length, is_image))
-        memo[node] = merged
+        memo[node, axis] = merged
         return merged
 
-    def per_sample(node: fx.Node) -> list[list[bool]]:
+    def per_sample(node: fx.Node, axis: int) -> list[list[bool]]:
         """Per sample, per row: image or not, for a tensor written into by assign_index."""
         base = node.args[0]
         if isinstance(base, fx.Node) and base.op == "call_function" and \
                 base.target is assign_index:
-            before = per_sample(base)
+            before = per_sample(base, axis)
         else:
-            layout = rows(base) or [(shapes[node][token_axis], base in image)]
-            batch = shapes[node][1 - token_axis if token_axis in (0, 1) else 0]
+            layout = rows(base, axis) or [(shapes[node][axis], base in image)]
+            batch = shapes[node][1 - axis if axis in (0, 1) else 0]
             before = [[f for length, f in layout for _ in range(length)]] * batch
-        return _written_rows(node, before, shapes, image, token_axis, rank, rows)
+        return _written_rows(node, before, shapes, image, axis, len(shapes[node]),
+                             lambda value: rows(value, axis))
 
     _refuse_in_place_writes(graph, upstream)
     for node in upstream:
@@ -835,7 +922,12 @@ def plan_routes(graph: fx.Graph, chain: BlockChain, routes: Sequence[Route],
 
     plans = []
     for route, axes in zip(routes, route_axes):
-        fixed = segment_fixed(route.start, axes)
+        try:
+            fixed = segment_fixed(route.start, axes)
+        except TokenAxisError as err:
+            first = blocks[chain.segment_start(route.start)].target
+            raise TokenAxisError(f"route {routes.index(route)} ({route}), the stream block "
+                                 f"{first!r} takes: {err}") from None
         span = blocks[route.start:route.end + 1]
         x_in = hidden_input(span[0], chain.hidden_in[route.start])
         x_key = str(chain.hidden_in[route.start])
@@ -899,6 +991,15 @@ def plan_routes(graph: fx.Graph, chain: BlockChain, routes: Sequence[Route],
                     side = _classify(side, shape, batch_axes, hidden[axes[0]],
                                      hidden[axes[1]], hidden[-1] if len(hidden) > 2 else None,
                                      stream_lengths, key)
+                    if side.offset and _image_rows_first(value, shapes, hidden[axes[1]],
+                                                         side.offset):
+                        raise TokenAxisError(
+                            f"route {routes.index(route)} ({route}): {side.arg} "
+                            f"({value.name}, shape {shape}) is a joint table of {side.offset} "
+                            f"rows of another stream and {hidden[axes[1]]} token rows, built "
+                            f"with the token rows first ([image, text]); tread_fx gathers "
+                            f"joint tables whose other rows come first ([text, image]) and "
+                            f"would gather the wrong rows. Route blocks that do not take it")
                 seen[value] = side
         plan.side = list(seen.values())
         plan.shared_indices = any(s.routed and not s.batched for s in plan.side)
@@ -930,6 +1031,28 @@ def plan_routes(graph: fx.Graph, chain: BlockChain, routes: Sequence[Route],
             f"routed blocks receive from outside their route; they take: {takes}. Name an "
             f"argument by its name in the block's forward or its position")
     return plans
+
+
+def _image_rows_first(table: fx.Node, shapes: Mapping, tokens: int, other: int) -> bool:
+    """Whether a joint table of ``other + tokens`` rows is built by a concatenation with the
+    ``tokens`` rows first (HiDream: ``cat([img_ids, txt_ids])``), the nearest such
+    concatenation upstream deciding; False when none says so."""
+    todo, seen = [table], set()
+    while todo:
+        node = todo.pop(0)
+        if node in seen:
+            continue
+        seen.add(node)
+        dim = _cat_dim(node)
+        if dim is not None and tokens != other:
+            try:
+                sizes = [shapes[p][dim] for p in node.args[0]]
+            except (KeyError, IndexError, TypeError):
+                sizes = []
+            if sizes in ([tokens, other], [other, tokens]):
+                return sizes[0] == tokens
+        todo.extend(node.all_input_nodes)
+    return False
 
 
 def _refuse_token_counts(span: Sequence[fx.Node], shapes: Mapping, root, annotations: Mapping,

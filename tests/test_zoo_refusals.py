@@ -1,0 +1,173 @@
+"""Streams whose image rows the row analysis must find, or refuse: the patterns of the two
+diffusers classes tread_fx.verify once caught routed wrongly (Ideogram4: image and text rows
+packed in one sequence and chosen by masks; HiDream: image tokens padded to a maximum
+resolution, with a joint RoPE table whose image rows come first)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import tread_fx
+
+D, N, T = 16, 12, 5
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.out = nn.Linear(D, 3 * D), nn.Linear(D, D)
+        self.mlp = nn.Sequential(nn.Linear(D, 2 * D), nn.GELU(), nn.Linear(2 * D, D))
+
+    def forward(self, hidden_states):
+        q, k, v = self.qkv(hidden_states).chunk(3, dim=-1)
+        h = hidden_states + self.out(F.scaled_dot_product_attention(q, k, v))
+        return h + self.mlp(h)
+
+
+class Packed(nn.Module):
+    """Ideogram4: one sequence of image and text rows, each input masked to its rows by an
+    indicator and the two summed; ``conditioned``: a per-sample vector broadcast to every
+    row and added instead (every row an image row)."""
+
+    def __init__(self, conditioned=False):
+        super().__init__()
+        self.conditioned = conditioned
+        self.embed, self.text = nn.Linear(4, D), nn.Linear(6, D)
+        self.blocks = nn.ModuleList(Block() for _ in range(4))
+
+    def forward(self, x, text, indicator):
+        if self.conditioned:   # text: [B, 6], one vector per sample
+            h = self.embed(x) + self.text(text)[:, None].expand(-1, x.shape[1], -1)
+        else:
+            image_mask = (indicator == 1).to(x.dtype).unsqueeze(-1)
+            text_mask = (indicator == 0).to(x.dtype).unsqueeze(-1)
+            h = self.embed(x * image_mask) * image_mask + self.text(text) * text_mask
+        for b in self.blocks:
+            h = b(h)
+        return h
+
+
+def _packed_inputs(per_row=True):
+    torch.manual_seed(1)
+    indicator = torch.ones(2, N, dtype=torch.long)
+    indicator[:, :3] = 0   # three text rows first
+    text = torch.randn(2, N, 6) if per_row else torch.randn(2, 6)
+    return torch.randn(2, N, 4), text, indicator
+
+
+@pytest.mark.parametrize("front_end", ["export", "concrete"])
+def test_image_and_text_rows_chosen_by_masks_are_refused(front_end):
+    with pytest.raises(tread_fx.TokenAxisError,
+                       match=r"route 0 \(1:2@0.5\), the stream block 'blocks.0' takes: .*"
+                             r"forward argument\(s\) \[('text', 'indicator'|'indicator', "
+                             r"'text')\]"):
+        tread_fx.route(Packed(), "1:2@0.5", example_inputs=_packed_inputs(),
+                       front_end=front_end)
+    # what the message offers: prefix_tokens says which rows to keep
+    routed = tread_fx.route(Packed(), "1:2@0.5", example_inputs=_packed_inputs(),
+                            prefix_tokens=3)
+    assert routed.selectors[0].fixed == (3, 0)
+
+
+def test_the_refusal_says_why():
+    with pytest.raises(tread_fx.TokenAxisError) as err:
+        tread_fx.route(Packed(), "1:2@0.5", example_inputs=_packed_inputs())
+    assert "mixes the image with another input" in str(err.value)
+    assert "prefix_tokens" in str(err.value)
+
+
+def test_a_per_sample_vector_added_to_every_row_is_not_a_mix():
+    torch.manual_seed(0)
+    model, inputs = Packed(conditioned=True), _packed_inputs(per_row=False)
+    routed = tread_fx.route(model, "1:2@0.5", example_inputs=inputs)
+    assert routed.selectors[0].fixed == (0, 0)
+    assert tread_fx.verify(model, "1:2@0.5", inputs).ok
+
+
+class Padded(nn.Module):
+    """HiDream: the image's patches written into a buffer of the maximum token count,
+    ``[B, C, max_tokens, p*p]``, then permuted and reshaped into the stream: the rows after
+    the image's patches are padding."""
+
+    def __init__(self, max_tokens=32, p=2, c=4):
+        super().__init__()
+        self.max_tokens, self.p = max_tokens, p
+        self.embed = nn.Linear(c * p * p, D)
+        self.blocks = nn.ModuleList(Block() for _ in range(4))
+
+    def forward(self, x):
+        b, c, height, width = x.shape
+        p, n = self.p, (height // self.p) * (width // self.p)
+        patches = x.reshape(b, c, height // p, p, width // p, p).permute(0, 1, 2, 4, 3, 5)
+        buf = torch.zeros(b, c, self.max_tokens, p * p)
+        buf[:, :, :n] = patches.reshape(b, c, n, p * p)
+        h = self.embed(buf.permute(0, 2, 3, 1).reshape(b, self.max_tokens, p * p * c))
+        for blk in self.blocks:
+            h = blk(h)
+        return h[:, :n]
+
+
+def test_padding_rows_after_the_image_patches_are_never_routed():
+    torch.manual_seed(0)
+    model, inputs = Padded(), (torch.randn(2, 4, 6, 8),)   # 12 patches, 20 padding rows
+    routed = tread_fx.route(model, "1:2@0.5", example_inputs=inputs, front_end="concrete")
+    assert routed.selectors[0].fixed == (0, 20)
+    report = tread_fx.verify(model, "1:2@0.5", inputs, front_end="concrete")
+    assert report.ok, str(report)
+    assert report.routes[0].kept == 32 - 6
+
+
+class JointBlock(nn.Module):
+    """Attention over the image and the text rows joined in ``order``, with a position
+    table of both (a RoPE table of ``cat(img_ids, txt_ids)`` in HiDream)."""
+
+    def __init__(self, order):
+        super().__init__()
+        self.order = order
+        self.qkv, self.out = nn.Linear(D, 3 * D), nn.Linear(D, D)
+
+    def forward(self, hidden_states, text, table):
+        n = hidden_states.shape[1]
+        joint = torch.cat([hidden_states, text] if self.order == "image_first"
+                          else [text, hidden_states], dim=1)
+        q, k, v = self.qkv(joint).chunk(3, dim=-1)
+        o = self.out(F.scaled_dot_product_attention(q * table.cos(), k * table.cos(), v))
+        o = o[:, :n] if self.order == "image_first" else o[:, -n:]
+        return hidden_states + o
+
+
+class Joint(nn.Module):
+    def __init__(self, order):
+        super().__init__()
+        self.order = order
+        self.embed, self.text, self.pos = nn.Linear(4, D), nn.Linear(6, D), nn.Linear(2, D)
+        self.blocks = nn.ModuleList(JointBlock(order) for _ in range(4))
+
+    def forward(self, x, text, img_ids, txt_ids):
+        ids = torch.cat([img_ids, txt_ids] if self.order == "image_first"
+                        else [txt_ids, img_ids], dim=1)
+        table = self.pos(ids)
+        h, e = self.embed(x), self.text(text)
+        for b in self.blocks:
+            h = b(h, e, table)
+        return h
+
+
+def _joint_inputs():
+    torch.manual_seed(1)
+    return torch.randn(2, N, 4), torch.randn(2, T, 6), torch.randn(2, N, 2), \
+        torch.randn(2, T, 2)
+
+
+def test_a_joint_table_with_the_image_rows_first_is_refused():
+    with pytest.raises(tread_fx.TokenAxisError, match=r"blocks\.1:2 .*built with the token "
+                                                      r"rows first"):
+        tread_fx.route(Joint("image_first"), "1:2@0.5", example_inputs=_joint_inputs())
+
+
+def test_a_joint_table_with_the_text_rows_first_verifies():
+    torch.manual_seed(0)
+    model = Joint("text_first")
+    report = tread_fx.verify(model, "1:2@0.5", _joint_inputs())
+    assert report.ok, str(report)
