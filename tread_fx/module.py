@@ -36,15 +36,21 @@ def _structure_changed(module: nn.Module, name: str, submodule: Any) -> None:
 torch.nn.modules.module.register_module_module_registration_hook(_structure_changed)
 
 
-@torch._dynamo.assume_constant_result
 def _sync_if_changed(module: "TreadGraphModule") -> bool:
     """Re-sync ``module`` with its model when any module anywhere got a submodule since it
-    last looked.  Under torch.compile this runs once per (re)compilation, at trace time,
-    and leaves no guard behind: a guard on the counter would recompile whenever any module
-    anywhere is created; a changed module tree fails dynamo's own guards and recompiles."""
+    last looked.  Under torch.compile (2.13 and later) this runs once per (re)compilation,
+    at trace time, and leaves no guard behind: a guard on the counter would recompile
+    whenever any module anywhere is created; a changed module tree fails dynamo's own
+    guards and recompiles.  Older dynamo cannot run it at trace time: there a compiled call
+    skips it (adapters added after torch.compile take effect after one eager call)."""
     if module.__dict__.get("_structure_version") != _STRUCTURE[0]:
         module._sync_structure()
     return True
+
+
+_SYNC_WHILE_TRACING = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 13)
+if _SYNC_WHILE_TRACING:
+    _sync_if_changed = torch._dynamo.assume_constant_result(_sync_if_changed)
 
 
 class Variant:
@@ -254,7 +260,7 @@ class TreadGraphModule(fx.GraphModule):
 
     def _dispatch(self, *args: Any, **kwargs: Any) -> Any:
         guard = self.__dict__.get("_guard")
-        if guard is not None:
+        if guard is not None and (_SYNC_WHILE_TRACING or not torch.compiler.is_compiling()):
             _sync_if_changed(self)
         if guard is None:   # a graph the user traced: one graph for every call
             if self.training:

@@ -118,22 +118,10 @@ def _inverse(perm: list[int]) -> list[int]:
 
 
 def _gather(x: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
-    """``x.gather(dim, index)`` laid out in memory like ``x``.
-
-    Kernels downstream may round differently for another memory layout; keeping the
-    layout keeps ratio 0 bit-identical to the dense model.
-    """
+    """``x.gather(dim, index)`` laid out in memory like ``x`` (for side inputs: a table's
+    layout is what the blocks were written against)."""
     perm = _stride_order(x)
     out = x.permute(perm).gather(perm.index(dim), index.permute(perm))
-    return out.permute(_inverse(perm))
-
-
-def _scatter(full: torch.Tensor, dim: int, index: torch.Tensor,
-             src: torch.Tensor) -> torch.Tensor:
-    """``full.scatter(dim, index, src)`` laid out in memory like ``src``."""
-    perm = _stride_order(src)
-    out = full.permute(perm).clone(memory_format=torch.contiguous_format)
-    out = out.scatter_(perm.index(dim), index.permute(perm), src.permute(perm))
     return out.permute(_inverse(perm))
 
 
@@ -152,7 +140,10 @@ def gather_tokens(x: torch.Tensor, indices: torch.Tensor | None,
     if indices is None:
         return x
     x = _batch_first(x, axes)
-    return _restore(_gather(x, 1, _expand_index(indices, x)), axes)
+    # a fresh, contiguous tensor, as a hand-written gather gives the routed blocks: a
+    # stream in another layout (DiT's is [B, D, N]-major after its patch embedding) would
+    # make every routed block's backward copy its gradients to contiguous first
+    return _restore(x.gather(1, _expand_index(indices, x)), axes)
 
 
 def scatter_tokens(
@@ -181,7 +172,8 @@ def scatter_tokens(
         )
     if full.dtype != kept.dtype:
         full = full.to(kept.dtype)
-    return _restore(_scatter(full, 1, _expand_index(indices, kept), kept), axes)
+    # laid out like the tensor the route skipped, as the dense model's stream is there
+    return _restore(full.scatter(1, _expand_index(indices, kept), kept), axes)
 
 
 def gather_side(value: torch.Tensor, indices: torch.Tensor | None, axes: tuple[int, ...],
