@@ -72,3 +72,30 @@ def test_convergence_parser_accepts_fractional_minutes(spec):
 
     args = build_parser().parse_args(["convergence", "--minutes", "0.25", "--routes", spec])
     assert args.minutes == 0.25 and args.routes == spec and args.depth == 12
+
+
+def test_convergence_takes_device_and_dtype_and_records_them(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", images=rng.integers(0, 256, (24, 8, 8), dtype=np.uint8))
+    out = tmp_path / "conv"
+    assert main(["convergence", "--data", str(tmp_path / "d.npz"), "--out", str(out),
+                 "--minutes", "0.004", "--eval-every", "1", "--chunk", "2", "--depth", "4",
+                 "--hidden", "32", "--heads", "2", "--patch", "2", "--batch", "4",
+                 "--holdout", "4", "--threads", "1", "--device", "cpu", "--dtype", "bf16"]) == 0
+    captured = capsys.readouterr()
+    assert "device cpu, dtype bf16" in captured.out
+    assert "device cpu, dtype bf16 (autocast)" in captured.err
+    summary = json.loads((out / "convergence.jsonl").read_text().splitlines()[-1])
+    assert summary["device"] == "cpu" and summary["dtype"] == "bf16"
+    assert summary["dense_steps"] > 0 and summary["routed_steps"] > 0
+    assert (out / "convergence.png").exists()
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="CUDA is available here")
+def test_convergence_device_cuda_without_cuda_is_one_line(tmp_path, capsys):
+    assert main(["convergence", "--out", str(tmp_path / "c"), "--device", "cuda",
+                 "--depth", "4", "--hidden", "32", "--heads", "2"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "tread-fx convergence: error: --device cuda: CUDA is not available on this machine; "
+        "use --device cpu"]
+    assert not (tmp_path / "c").exists()

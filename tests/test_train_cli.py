@@ -349,3 +349,93 @@ def test_trainer_ema_is_the_warm_up_average_that_swa_utils_does_not_give():
     for name, p in swa.module.named_parameters():
         torch.testing.assert_close(ema.shadow[name].double(), expected[name])
         assert (ema.shadow[name] - p.detach()).abs().max() > 0.1, name
+
+
+# ---------------------------------------------------------------------------------------
+# --device and --dtype
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+@pytest.mark.parametrize("device", ["cuda", "cuda:0", "cuda:1"])
+def test_device_cuda_without_cuda_is_one_line_and_exit_2(tmp_path, data, capsys, monkeypatch,
+                                                         device):
+    from tread_fx.tools import train
+
+    def load_data(*args, **kwargs):
+        raise AssertionError("the data were loaded before the bad --device was reported")
+
+    monkeypatch.setattr(train, "load_data", load_data)
+    out = tmp_path / "out"
+    assert main(["train", "--data", str(data), "--out", str(out), *TINY, "--steps", "1",
+                 "--device", device]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.splitlines() == [
+        f"tread-fx train: error: --device {device}: CUDA is not available on this machine; "
+        f"use --device cpu"]
+    assert "Traceback" not in captured.err + captured.out
+    assert not out.exists()
+
+
+def test_device_and_dtype_flags_parse_and_bad_ones_are_argparse_errors(capsys):
+    from tread_fx.tools.cli import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["train"])
+    assert args.device is None and args.dtype is None   # not given: cpu; a resumed run's dtype
+    args = parser.parse_args(["train", "--device", "CUDA:1", "--dtype", "bf16"])
+    assert args.device == "cuda:1" and args.dtype == "bf16"
+    args = parser.parse_args(["convergence", "--device", "auto"])
+    assert args.device == "auto" and args.dtype == "fp32"
+    for bad in (["--dtype", "f16"], ["--device", "gpu"], ["--device", "cuda:x"]):
+        with pytest.raises(SystemExit) as e:
+            parser.parse_args(["train", *bad])
+        assert e.value.code == 2
+        assert f"argument {bad[0]}:" in capsys.readouterr().err
+
+
+def test_resolve_device_without_cuda(monkeypatch):
+    from tread_fx.tools.errors import UsageError
+    from tread_fx.tools.train_config import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device(None) == torch.device("cpu")
+    assert resolve_device("auto") == torch.device("cpu")
+    assert resolve_device(None, distributed=True, world=2) == torch.device("cpu")
+    with pytest.raises(UsageError, match="CUDA is not available"):
+        resolve_device("cuda", "bf16")
+
+
+def test_bf16_run_on_cpu_writes_its_outputs_and_records_device_and_dtype(tmp_path, data, capsys):
+    out = tmp_path / "bf16"
+    assert _train(out, data, "--steps", "3", "--log-every", "1", "--eval-every", "0",
+                  "--device", "cpu", "--dtype", "bf16", "--threads", "1") == 0
+    assert "device cpu, dtype bf16 (autocast)" in capsys.readouterr().err
+    for name in ("metrics.jsonl", "checkpoint.pt", "samples.png", "loss.png"):
+        assert (out / name).exists(), name
+    train = _records(out)
+    assert [r["step"] for r in train] == [1, 2, 3]
+    assert all(r["device"] == "cpu" and r["dtype"] == "bf16" for r in train)
+    assert all(np.isfinite(r["loss"]) for r in train)
+    state = _params(out)
+    assert state["config"]["dtype"] == "bf16" and state["device"] == "cpu"
+    assert all(t.dtype == torch.float32 for t in state["model"].values() if t.is_floating_point())
+    # the dtype is a setting of the run: kept on --resume, a different one refused
+    assert main(["train", "--out", str(out), "--resume", "--steps", "4", "--dtype", "fp16",
+                 "--no-progress"]) == 2
+    assert "--dtype fp16 (checkpoint: bf16)" in capsys.readouterr().err
+    assert main(["train", "--out", str(out), "--resume", "--steps", "4", "--no-progress",
+                 "--sample-steps", "1", "--threads", "1"]) == 0
+    assert _records(out)[-1]["dtype"] == "bf16"
+
+
+def test_fp16_on_cpu_uses_a_grad_scaler_and_resumes_bit_identically(tmp_path, data):
+    common = ["--log-every", "1", "--ckpt-every", "2", "--eval-every", "0", "--dtype", "fp16",
+              "--threads", "1"]
+    assert _train(tmp_path / "full", data, "--steps", "4", *common) == 0
+    assert _train(tmp_path / "split", data, "--steps", "2", *common) == 0
+    assert _params(tmp_path / "split")["scaler"]["scale"] > 0
+    assert main(["train", "--out", str(tmp_path / "split"), "--resume", "--steps", "4",
+                 "--no-progress", "--sample-steps", "2", "--threads", "1"]) == 0
+    _assert_same_run(_params(tmp_path / "full"), _params(tmp_path / "split"))
+    assert _params(tmp_path / "full")["config"]["dtype"] == "fp16"

@@ -21,7 +21,7 @@ from .errors import UsageError
 from .train import EvalSet, Trainer
 from .train_checkpoint import output_folder
 from .train_config import (DEFAULTS, add_convergence_arguments, check_config, check_out,
-                           check_route_tokens, resolve_routes)
+                           check_route_tokens, resolve_device, resolve_routes)
 from .train_plots import save_figure
 from .train_progress import status
 
@@ -74,8 +74,9 @@ def _plot(path: Path, curves: dict[str, list[tuple[float, float]]], summary: dic
     save_figure(fig, path)
 
 
-def _check(args: argparse.Namespace, base: dict) -> str:
-    """Every flag, before anything is loaded; returns the routed run's routes."""
+def _check(args: argparse.Namespace, base: dict) -> tuple[str, torch.device]:
+    """Every flag, before anything is loaded; returns the routed run's routes and the
+    device."""
     check_out(args.out)
     check_config(base)
     routes = resolve_routes(base["routes"], base["depth"])
@@ -90,7 +91,7 @@ def _check(args: argparse.Namespace, base: dict) -> str:
         raise UsageError(f"--chunk must be >= 1; got {args.chunk}")
     if args.threads is not None and args.threads < 1:
         raise UsageError(f"--threads must be >= 1; got {args.threads}")
-    return routes
+    return routes, resolve_device(getattr(args, "device", None), base["dtype"])
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -98,7 +99,7 @@ def run(args: argparse.Namespace) -> dict:
     ``convergence.jsonl``)."""
     base = {k: getattr(args, k) for k in DEFAULTS if hasattr(args, k)}
     base["ema_decay"] = DEFAULTS["ema_decay"]
-    routes = _check(args, base)
+    routes, device = _check(args, base)
     if args.threads:
         torch.set_num_threads(args.threads)
     status("loading the data ...")
@@ -110,8 +111,8 @@ def run(args: argparse.Namespace) -> dict:
                        f"{tokens} tokens: {h}x{w} {data.kind} with --patch {base['patch']}")
     print(f"data   {data.describe()}", file=sys.stderr)
     status("building the dense and the routed model and warming them up ...")
-    runs = {"dense": Trainer(dict(base, routes="none"), data, ema=False),
-            "routed": Trainer(dict(base, routes=routes), data, ema=False)}
+    runs = {"dense": Trainer(dict(base, routes="none"), data, ema=False, device=device),
+            "routed": Trainer(dict(base, routes=routes), data, ema=False, device=device)}
     sd_d, sd_r = runs["dense"].model.state_dict(), runs["routed"].model.state_dict()
     assert all(torch.equal(sd_d[k], sd_r[k]) for k in sd_d), "the two runs must start equal"
     for tr in runs.values():  # first-call costs (allocator, kernels) outside the clocks
@@ -120,7 +121,9 @@ def run(args: argparse.Namespace) -> dict:
     budget = args.minutes * 60.0
     model_name = (f"DiT depth {base['depth']} width {base['hidden']} patch {base['patch']} "
                   f"({runs['dense'].model.x_embedder.num_patches} tokens)")
-    print(f"model  {model_name}; routed: {routes}, loss {base['loss']}; {args.minutes:g} min "
+    amp = " (autocast)" if base["dtype"] != "fp32" else ""
+    print(f"model  {model_name}; routed: {routes}, loss {base['loss']}; device {device}, dtype "
+          f"{base['dtype']}{amp}; {args.minutes:g} min "
           f"of training per run; a line per held-out evaluation (every {args.eval_every:g} s "
           f"of a run's training)", file=sys.stderr)
 
@@ -177,7 +180,7 @@ def run(args: argparse.Namespace) -> dict:
             summary = {
                 "kind": "summary", "model": model_name, "routes": routes, "loss": base["loss"],
                 "batch": base["batch"], "data": data.source, "minutes": args.minutes,
-                "threads": torch.get_num_threads(),
+                "threads": torch.get_num_threads(), "device": str(device), "dtype": base["dtype"],
                 "dense_steps": runs["dense"].step, "routed_steps": runs["routed"].step,
                 "dense_steps_per_s": sps["dense"], "routed_steps_per_s": sps["routed"],
                 "step_speedup": sps["routed"] / sps["dense"],
@@ -195,7 +198,7 @@ def run(args: argparse.Namespace) -> dict:
 def report(s: dict) -> str:
     lines = [
         f"{s['model']}, batch {s['batch']}, {s['minutes']:g} min of training per run, "
-        f"{s['threads']} threads",
+        f"{s['threads']} threads, device {s.get('device', 'cpu')}, dtype {s.get('dtype', 'fp32')}",
         f"dense : {s['dense_steps']} steps ({s['dense_steps_per_s']:.2f} steps/s), final held-out "
         f"loss {s['dense_final_heldout']:.4f} at {s['dense_time_s']:.1f} s",
         f"routed: {s['routed_steps']} steps ({s['routed_steps_per_s']:.2f} steps/s, "

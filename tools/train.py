@@ -38,7 +38,7 @@ from .train_checkpoint import (CHECKPOINT_FORMAT, load_checkpoint, output_folder
                                truncate_metrics)
 from .train_config import (DEFAULT_STEPS, DEFAULTS, RUN_DEFAULTS, TrainError, add_model_arguments,
                            check_config, check_out, check_route_tokens, default_routes,
-                           resolve_config, resolve_routes)
+                           resolve_config, resolve_device, resolve_routes, torch_dtype)
 from .train_config import add_train_arguments as add_arguments
 from .train_distributed import Parallel, launched_by_torchrun
 from .train_model import EVAL_T_GRID, T_SCALE, EvalSet, TimeScaled, build_model
@@ -79,6 +79,12 @@ class Trainer:
     With ``parallel`` (rank ``r`` of ``N``, the process group initialised), ``self.net`` is
     run through ``DistributedDataParallel`` (``self.wrapped``); ``config["batch"]`` is the
     global batch and rank ``r`` trains on its ``r``-th slice.
+
+    Everything lives on ``device``; ``config["dtype"]`` bf16 or fp16 runs the forward pass
+    and the loss under ``torch.autocast`` of that type (the parameters, gradients,
+    optimizer and EMA stay fp32); fp16 scales the loss with a ``torch.amp.GradScaler``.
+    The random draws of the data order, ``t`` and the noise come from CPU generators on
+    every device.
     """
 
     def __init__(self, config: dict, data: Dataset, *, ema: bool = True,
@@ -114,6 +120,9 @@ class Trainer:
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=config["lr"], betas=(0.9, 0.999),
                                      weight_decay=config["weight_decay"])
         self.ema = EMA(self.model, decay=config["ema_decay"]) if ema else None
+        self.dtype = str(config.get("dtype", "fp32"))
+        self.amp_dtype = torch_dtype(self.dtype)
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.dtype == "fp16" else None
         self.rf = RectifiedFlow()
         self.fn = TimeScaled(self.wrapped)
         self.step = 0
@@ -147,6 +156,12 @@ class Trainer:
         return lr * min(1.0, (step + 1) / warm) if warm > 0 else lr
 
     # -- training -----------------------------------------------------------------------
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """``torch.autocast`` of ``--dtype`` on the device (nothing for fp32)."""
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
     def loss(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None,
              t: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
         """The TREAD loss of one batch (the per-element loss goes through ``patchify_loss``);
@@ -171,8 +186,12 @@ class Trainer:
         devices = [self.device] if self.device.type == "cuda" else []
         for _ in range(steps):
             with torch.random.fork_rng(devices=devices):
-                self.loss(x, y, torch.Generator().manual_seed(0)).backward()
+                with self.autocast():
+                    loss = self.loss(x, y, torch.Generator().manual_seed(0))
+                loss.backward()   # the gradients are dropped: no scaling needed
         self.opt.zero_grad(set_to_none=True)
+        if self.device.type == "cuda":   # its kernels done before a clock starts
+            torch.cuda.synchronize(self.device)
 
     def train_step(self) -> float:
         """One optimizer step; returns the loss (of the global batch).  Every draw is a
@@ -199,17 +218,24 @@ class Trainer:
         model_seed = _stream_seed(seed, _MODEL, s, *((rank, world) if world > 1 else ()))
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(model_seed)  # label dropout, token selection
-            loss = self.loss(x, y, gen, t, noise)
+            with self.autocast():
+                loss = self.loss(x, y, gen, t, noise)
             self.opt.zero_grad(set_to_none=True)
-            loss.backward()
+            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        if self.scaler is not None:
+            self.scaler.unscale_(self.opt)   # clip the true gradients
         if self.config["grad_clip"] > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config["grad_clip"])
-        self.opt.step()
+        if self.scaler is not None:
+            self.scaler.step(self.opt)   # skipped when the scaled gradients overflowed
+            self.scaler.update()
+        else:
+            self.opt.step()
         if self.ema is not None:
             n = self.ema.num_updates
             self.ema.update(self.model, decay=min(self.ema.decay, (1 + n) / (10 + n)))
         self.step += 1
-        loss = loss.detach()
+        loss = loss.detach().float()
         if world > 1:   # the mean over the global batch, the same on every rank
             dist.all_reduce(loss, op=dist.ReduceOp.SUM)
             loss = loss / world
@@ -243,6 +269,8 @@ class Trainer:
             },
             "data": self.data.fingerprint(),
             "world_size": self.parallel.world,
+            "device": str(self.device),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -250,6 +278,8 @@ class Trainer:
         self.opt.load_state_dict(state["optimizer"])
         if self.ema is not None and state.get("ema") is not None:
             self.ema.load_state_dict(state["ema"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng"]["torch"])
         self.step = int(state["step"])
         self.train_time = float(state.get("train_time", 0.0))
@@ -289,6 +319,13 @@ def _sampling_routes(config: dict, guidance: str) -> str | None:
                          f"which needs --depth >= 3 (got {config['depth']}); use --guidance cfg "
                          f"or none")
     return default_routes(config["depth"])
+
+
+def _where(trainer: Trainer) -> str:
+    """``device cuda:0 (rank 0's), dtype bf16 (autocast)``: where and in what a run trains."""
+    mine = " (rank 0's)" if trainer.parallel.world > 1 and trainer.device.type == "cuda" else ""
+    amp = " (autocast)" if trainer.amp_dtype is not None else ""
+    return f"device {trainer.device}{mine}, dtype {trainer.dtype}{amp}"
 
 
 def _eval_record(trainer: Trainer, evalset: EvalSet, wall: float) -> dict:
@@ -347,6 +384,7 @@ class Setup:
     steps: int
     opts: dict
     sparse_routes: str | None
+    device: torch.device = torch.device("cpu")
 
     @property
     def ckpt_path(self) -> Path:
@@ -379,21 +417,26 @@ def setup(args: argparse.Namespace, parallel: Parallel | None = None, *,
         given = "the checkpoint's --batch" if state is not None else "--batch"
         raise UsageError(f"{given} {config['batch']} is the global batch and must split evenly "
                          f"over {world} processes; use a number of processes that divides it")
-    return Setup(out, state, config, steps, opts, _sampling_routes(config, args.guidance))
+    ranked = world > 1 or launched_by_torchrun()
+    device = resolve_device(getattr(args, "device", None), config["dtype"], distributed=ranked,
+                            world=world, local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+    return Setup(out, state, config, steps, opts, _sampling_routes(config, args.guidance), device)
 
 
 def run(args: argparse.Namespace, parallel: Parallel | None = None,
-        device: torch.device | str = "cpu") -> dict:
+        device: torch.device | str | None = None) -> dict:
     """Train (or continue) a run; returns a summary dict.
 
     Every flag is checked, and the routes parsed against ``--depth``, before the data are
     loaded or a model is built; the output folder is created only once the run can start,
     and removed again (if it is new and still empty) when the run fails.  With ``parallel``
     (the process group initialised) this is one rank of a data-parallel run: rank 0 prints,
-    evaluates and writes; the other ranks only train.
+    evaluates and writes; the other ranks only train.  ``device`` (the rank's own, from
+    :mod:`.train_distributed`) overrides ``--device``.
     """
     par = parallel or Parallel()
     found = setup(args, par, announce=par.main)
+    device = found.device if device is None else torch.device(device)
     out, state, config, steps, opts = found.out, found.state, found.config, found.steps, found.opts
     ckpt_path, metrics_path = found.ckpt_path, out / "metrics.jsonl"
     say = status if par.main else (lambda message: None)
@@ -423,7 +466,7 @@ def run(args: argparse.Namespace, parallel: Parallel | None = None,
         if par.world > 1 else ""
     say(f"model  DiT depth {config['depth']} width {config['hidden']} patch {config['patch']} "
         f"({trainer.model.x_embedder.num_patches} tokens, {n_params / 1e6:.2f}M params), "
-        f"routes {routes}, loss {config['loss']}{ranks}")
+        f"routes {routes}, loss {config['loss']}{ranks}; {_where(trainer)}")
 
     with output_folder(out) if par.main else contextlib.nullcontext(out):
         if par.main:
@@ -493,7 +536,8 @@ def _train(trainer: Trainer, args: argparse.Namespace, out: Path, records: list[
                     sps = acc_n / acc_time
                     emit({"kind": "train", "step": s, "loss": last_loss, "steps_per_s": sps,
                           "wall_s": round(wall, 3), "train_s": round(trainer.train_time, 3),
-                          "lr": trainer.lr_at(s - 1)})
+                          "lr": trainer.lr_at(s - 1), "device": str(trainer.device),
+                          "dtype": trainer.dtype})
                     bar.set_postfix(loss=f"{last_loss:.4f}", steps_per_s=f"{sps:.2f}", refresh=False)
                     acc_loss, acc_n, acc_time = 0.0, 0, 0.0
                 if main and eval_every and s % eval_every == 0 and s != steps:
@@ -523,6 +567,7 @@ def _train(trainer: Trainer, args: argparse.Namespace, out: Path, records: list[
         "heldout_loss": final_eval["heldout_loss"],
         "heldout_loss_ema": final_eval.get("heldout_loss_ema"),
         "train_s": trainer.train_time, "sample_s": sample_s,
+        "device": str(trainer.device), "dtype": trainer.dtype,
     }
     print(f"step {trainer.step}: held-out loss {final_eval['heldout_loss']:.4f} (EMA "
           f"{final_eval.get('heldout_loss_ema', float('nan')):.4f}), {trainer.train_time:.1f} s "

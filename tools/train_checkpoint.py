@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import tempfile
@@ -86,8 +87,27 @@ def atomic_write(path: Path, write: Callable[[Any], None]) -> None:
         os.close(dfd)
 
 
+def _on_cpu(obj: Any) -> Any:
+    """``obj`` with every tensor in it (in dicts, lists, tuples) moved to the CPU; CPU
+    tensors are kept as they are (not copied)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.cpu()
+    if isinstance(obj, dict):   # a copy of the same type (a state_dict keeps its _metadata)
+        out = copy.copy(obj)
+        for k, v in obj.items():
+            out[k] = _on_cpu(v)
+        return out
+    if type(obj) in (list, tuple):
+        return type(obj)(_on_cpu(v) for v in obj)
+    return obj
+
+
 def save_checkpoint(path: Path, state: dict) -> None:
-    """``torch.save`` ``state`` to ``path`` atomically (a kill never leaves half a file)."""
+    """``torch.save`` ``state`` to ``path`` atomically (a kill never leaves half a file).
+
+    Tensors are saved on the CPU, so a checkpoint written by a run on a GPU loads (and
+    resumes) on a machine without one; :func:`load_checkpoint` also maps to the CPU."""
+    state = _on_cpu(state)
     atomic_write(path, lambda f: torch.save(state, f))
 
 

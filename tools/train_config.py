@@ -18,10 +18,11 @@ from tread_fx.spec import RouteSpec, kept_count, parse_spec
 from .errors import UsageError
 
 __all__ = [
-    "CONVERGENCE_DEFAULTS", "CONVERGENCE_HELP", "DEFAULTS", "DEFAULT_STEPS", "RUN_DEFAULTS",
-    "TRAIN_HELP", "TrainError", "add_convergence_arguments", "add_model_arguments",
-    "add_train_arguments", "check_config", "check_out", "check_route_tokens", "default_routes",
-    "resolve_config", "resolve_routes",
+    "CONVERGENCE_DEFAULTS", "CONVERGENCE_HELP", "DEFAULTS", "DEFAULT_STEPS", "DTYPES",
+    "RUN_DEFAULTS", "TRAIN_HELP", "TrainError", "add_convergence_arguments",
+    "add_model_arguments", "add_train_arguments", "check_config", "check_out",
+    "check_route_tokens", "default_routes", "resolve_config", "resolve_device", "resolve_routes",
+    "torch_dtype",
 ]
 
 TRAIN_HELP = """\
@@ -71,6 +72,18 @@ each step's batch and of its ``t`` and noise, so the data seen are those of a on
 run; label dropout and token selection draw from a stream of ``(--seed, s, r, N)``.  Rank 0
 evaluates and writes every file; the checkpoint is the one-process checkpoint, so a run
 resumes at any number of processes.  A rank that fails ends the job with its error.
+
+Device and precision: ``--device`` (default ``cpu``; ``cuda``, ``cuda:N``, or ``auto``: cuda
+when there is a GPU, else cpu) holds the model, EMA, optimizer, batches, noise, evaluation
+and sampling; the random draws of the data order, ``t`` and the noise come from CPU
+generators, so they are the same on every device.  With ``--nproc N`` (or torchrun) and
+cuda each process uses its own GPU, ``cuda:LOCAL_RANK``, over nccl; left out, the ranks use
+the GPUs when there are any (else gloo on the CPU).  ``--dtype bf16`` or ``fp16`` trains
+under ``torch.autocast`` of that type (fp32 weights, optimizer and EMA; fp16 with a
+``torch.amp.GradScaler``); the held-out loss and the samples are computed in fp32.  The
+dtype is a setting of the run (kept on ``--resume``), the device is not: a checkpoint
+written on a GPU resumes on the CPU and the reverse.  Both are recorded in every
+``"kind": "train"`` line of ``metrics.jsonl`` and in the checkpoint.
 """
 
 CONVERGENCE_HELP = """\
@@ -93,6 +106,10 @@ Printed: the dense run's final held-out loss, the time the routed run needed to 
 fraction of the dense run's time (target: at most ``--target``, 0.7).  Written to ``--out``
 (default ``runs/convergence``): ``convergence.jsonl`` (every evaluation, then a summary
 line) and ``convergence.png`` (both curves against training seconds).
+
+``--device`` (cpu by default; cuda, cuda:N, auto) and ``--dtype`` (fp32 by default; bf16,
+fp16: training under ``torch.autocast``) work as for ``tread-fx train``; the summary line
+records both.
 """
 
 #: Settings that define a run (restored from the checkpoint on --resume).  ``None`` in the
@@ -102,13 +119,15 @@ DEFAULTS: dict[str, Any] = {
     "depth": 8, "hidden": 128, "heads": 4, "patch": 4, "mlp_ratio": 4.0,
     "class_dropout": 0.1, "routes": "auto", "loss": "plain", "aux_weight": 0.0,
     "batch": 32, "lr": 2e-3, "weight_decay": 0.0, "warmup_steps": 100, "grad_clip": 1.0,
-    "ema_decay": 0.999, "seed": 0,
+    "ema_decay": 0.999, "seed": 0, "dtype": "fp32",
 }
 DEFAULT_STEPS = 1000
 #: Bookkeeping intervals: kept by a resumed run unless given again (changing them is fine).
 RUN_DEFAULTS = {"log_every": 10, "ckpt_every": 100, "eval_every": 250}
 #: Model defaults of ``tread-fx convergence`` (a deeper model than ``train``'s).
 CONVERGENCE_DEFAULTS = {"depth": 12, "routes": "auto"}
+#: ``--dtype``: the autocast type of training (fp32: no autocast).
+DTYPES = ("fp32", "bf16", "fp16")
 
 
 class TrainError(UsageError, RuntimeError):
@@ -126,6 +145,14 @@ def _ratio(s: str) -> float:
     if not 0.0 <= v < 1.0:
         raise argparse.ArgumentTypeError(f"must be in [0, 1), got {s}")
     return v
+
+
+def _device(s: str) -> str:
+    """``--device``: cpu, cuda, cuda:N or auto (whether it is there is checked later)."""
+    v = s.strip().lower()
+    if v in ("cpu", "cuda", "auto") or (v.startswith("cuda:") and v[5:].isdigit()):
+        return v
+    raise argparse.ArgumentTypeError(f"expected cpu, cuda, cuda:N or auto; got {s!r}")
 
 
 def add_model_arguments(p: argparse.ArgumentParser, *, defaults: dict[str, Any] | None = None,
@@ -175,6 +202,15 @@ def add_model_arguments(p: argparse.ArgumentParser, *, defaults: dict[str, Any] 
                    help=f"clip the gradient norm to this; 0: off (default {d['grad_clip']})")
     g.add_argument("--seed", type=int, default=dflt("seed"), help="seed of the init and of every random draw")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    g = p.add_argument_group("device")
+    ranks = ("; data-parallel ranks (--nproc, torchrun) default to cuda:LOCAL_RANK when there "
+             "are GPUs, else cpu") if sentinel else ""
+    g.add_argument("--device", type=_device, default=None,
+                   help=f"cpu (default), cuda, cuda:N, or auto: cuda when there is a GPU, else "
+                        f"cpu{ranks}")
+    g.add_argument("--dtype", choices=DTYPES, default=dflt("dtype"),
+                   help="fp32 (default); bf16 or fp16: train under torch.autocast of that type "
+                        "(fp16 with a gradient scaler)")
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
@@ -201,7 +237,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="no progress bars (the status lines of the slow phases stay)")
     g.add_argument("--nproc", type=int, default=None, metavar="N",
                    help="train data-parallel (DistributedDataParallel) on N local processes, "
-                        "one per GPU when there are GPUs (nccl), else on the CPU (gloo); "
+                        "one GPU each (cuda:LOCAL_RANK, nccl) with --device cuda or auto, or "
+                        "when --device is left out and there are GPUs; else on the CPU (gloo); "
                         "--batch is the global batch, split evenly.  Under torchrun leave it "
                         "out: the ranks torchrun starts are used")
     g = p.add_argument_group("samples")
@@ -315,6 +352,8 @@ def check_config(config: dict) -> None:
     for key in ("lr", "weight_decay", "grad_clip", "aux_weight", "warmup_steps"):
         if not config[key] >= 0:
             raise UsageError(f"--{key.replace('_', '-')} must be >= 0; got {config[key]}")
+    if config.get("dtype", "fp32") not in DTYPES:
+        raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}; got {config['dtype']}")
     if config["holdout"] is not None and config["holdout"] < 0:
         raise UsageError(f"--holdout must be >= 0; got {config['holdout']}")
     routes = resolve_routes(config["routes"], config["depth"])
@@ -343,3 +382,55 @@ def resolve_config(args: argparse.Namespace, saved: dict | None, ckpt: Path) -> 
                          f"flags differ: {'; '.join(conflicts)}.  Drop them, or start a new "
                          f"run with another --out (or --overwrite)")
     return {k: saved.get(k, DEFAULTS[k]) for k in keys}
+
+
+# ---------------------------------------------------------------------------------------
+# device and precision
+# ---------------------------------------------------------------------------------------
+
+
+def torch_dtype(name: str):
+    """The autocast type of ``--dtype name`` (``None`` for fp32: no autocast)."""
+    import torch
+
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def resolve_device(spec: str | None, dtype: str = "fp32", *, distributed: bool = False,
+                   world: int = 1, local_rank: int = 0):
+    """``--device spec`` as the ``torch.device`` of this process; :class:`UsageError` when
+    this machine does not have it (or cannot train in ``dtype`` on it).
+
+    ``None`` (not given) is ``cpu``, except for a data-parallel rank (``distributed``), where
+    it is ``auto``.  A rank (``world`` > 1) on cuda uses ``cuda:local_rank``, so ``cuda:N``
+    is refused there.
+    """
+    import torch
+
+    given = spec
+    if spec is None:
+        spec = "auto" if distributed else "cpu"
+    if spec == "auto":
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
+    if spec == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise UsageError(f"--device {given}: CUDA is not available on this machine; use "
+                         f"--device cpu")
+    count = torch.cuda.device_count()
+    if spec == "cuda":
+        index = local_rank if distributed else torch.cuda.current_device()
+    else:
+        index = int(spec.split(":", 1)[1])
+        if world > 1:
+            raise UsageError(f"--device {given}: names one GPU, but each of the {world} "
+                             f"processes uses its own (cuda:LOCAL_RANK); pass --device cuda")
+    if index >= count:
+        what = f"--device {given}" if given is not None else "the default device"
+        raise UsageError(f"{what}: this machine has {count} GPU(s), cuda:0..cuda:{count - 1}; "
+                         f"choose one of them")
+    device = torch.device("cuda", index)
+    if dtype == "bf16" and not torch.cuda.is_bf16_supported():
+        raise UsageError(f"--dtype bf16: {torch.cuda.get_device_name(device)} does not support "
+                         f"bfloat16; use --dtype fp16 or fp32")
+    return device

@@ -2,8 +2,9 @@
 
 :func:`main` starts N local processes with torch.distributed's elastic launcher (the
 machinery behind ``torchrun --standalone``); each runs :func:`worker`, which joins the
-process group (nccl with one GPU per process when there are GPUs, else gloo on the CPU)
-and runs :func:`tread_fx.tools.train.run` as rank ``r`` of N.  Processes that ``torchrun``
+process group (on cuda -- ``--device cuda``/``auto``, or ``--device`` left out on a machine
+with GPUs -- nccl with one GPU per process, ``cuda:LOCAL_RANK``; on the CPU gloo) and runs
+:func:`tread_fx.tools.train.run` as rank ``r`` of N.  Processes that ``torchrun``
 started run :func:`worker` directly.
 
 The trainer routes the model first and wraps the routed module in
@@ -37,7 +38,7 @@ import torch
 import torch.distributed as dist
 
 from .errors import UsageError
-from .train_config import TrainError
+from .train_config import TrainError, resolve_device
 
 __all__ = ["DistributedError", "Parallel", "launch", "launched_by_torchrun", "main", "worker"]
 
@@ -169,8 +170,11 @@ def worker(args: argparse.Namespace) -> dict | None:
     tqdm.set_lock(threading.RLock())
     try:
         local = int(os.environ.get("LOCAL_RANK", "0"))
-        if torch.cuda.is_available():
-            device = torch.device("cuda", local)
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        # --dtype as given (a resumed run's own is checked again by run's setup)
+        device = resolve_device(getattr(args, "device", None), getattr(args, "dtype", None) or
+                                "fp32", distributed=True, world=world, local_rank=local)
+        if device.type == "cuda":
             torch.cuda.set_device(device)
             dist.init_process_group("nccl", device_id=device)
         else:
@@ -196,11 +200,11 @@ def main(args: argparse.Namespace) -> int:
         raise UsageError(f"--nproc {nproc}: this process was started by torchrun, which "
                          f"starts the ranks itself; leave --nproc out (torchrun's "
                          f"--nproc-per-node sets their number)")
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    found = setup(args, Parallel(0, nproc), announce=False)   # every check before any process starts
+    gpus = torch.cuda.device_count() if found.device.type == "cuda" else 0
     if gpus and nproc > gpus:
         raise UsageError(f"--nproc {nproc}: only {gpus} GPU(s) here, and each process uses one; "
-                         f"pass --nproc {gpus} or fewer")
-    setup(args, Parallel(0, nproc), announce=False)   # every check before any process starts
+                         f"pass --nproc {gpus} or fewer, or --device cpu")
     if args.threads is None and not gpus:
         args.threads = max(1, torch.get_num_threads() // nproc)   # share the CPU cores
     # the flags only: the parser's callback (``func``) does not pickle into a new process

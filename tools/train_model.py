@@ -49,20 +49,23 @@ class EvalSet:
     @torch.no_grad()
     def loss(self, model: torch.nn.Module) -> tuple[float, list[float]]:
         """Mean-squared velocity error of ``model`` (run in eval mode: dense, no label drop),
-        averaged over the grid; also per ``t``."""
+        averaged over the grid; also per ``t``.  Runs on the model's device, in fp32 (no
+        autocast), whatever ``--dtype`` the model was trained in."""
         was = model.training
         model.eval()
         fn = TimeScaled(model)
         rf = RectifiedFlow()
         device = next(model.parameters()).device
+        # the images, labels and fixed noise on the model's device, moved once per call
+        xs, ys, noises = self.x.to(device), self.y.to(device), self.noise.to(device)
         per_t = []
         try:
             for k, t in enumerate(self.grid):
                 total, count = 0.0, 0
-                for i in range(0, self.x.shape[0], self.batch):
-                    x = self.x[i:i + self.batch].to(device)
-                    y = self.y[i:i + self.batch].to(device)
-                    noise = self.noise[k, i:i + self.batch].to(device)
+                for i in range(0, xs.shape[0], self.batch):
+                    x = xs[i:i + self.batch]
+                    y = ys[i:i + self.batch]
+                    noise = noises[k, i:i + self.batch]
                     terms = rf.loss(fn, x, y, t=t, noise=noise, reduction="none")
                     total += float(terms.loss_per_element.double().sum())
                     count += terms.loss_per_element.numel()
