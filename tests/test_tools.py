@@ -40,3 +40,8 @@ def test_cli_bench_reports_ratios(capsys):
     assert 0.3 < result["flop_ratio"] < 0.95
     assert abs(result["predicted_speedup"] * result["flop_ratio"] - 1) < 1e-9
     assert result["dense_step_s"] > 0 and result["routed_step_s"] > 0
+    assert 0 < result["routed_fwd_bwd_s"] <= result["routed_step_s"]
+    # the hand-written routed forward routes the same span: the same FLOPs
+    assert result["hand_gflop"] == result["routed_gflop"] and result["hand_fwd_bwd_s"] > 0
+    # activations saved for backward shrink with the kept tokens
+    assert result["routed_saved_mb"] < 0.95 * result["dense_saved_mb"]
