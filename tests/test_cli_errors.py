@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tread_fx.tools import convergence, train
 from tread_fx.tools.cli import main
@@ -92,6 +93,9 @@ def test_a_ratio_that_routes_no_token_is_refused_before_building_the_model(tmp_p
     ("convergence", ["--eval-every", "0"], "--eval-every must be > 0"),
     ("bench", ["--steps", "0"], "--steps must be >= 1"),
     ("bench", ["--model", "DiT-S/8", "--input-size", "30"], "not divisible by patch size 8"),
+    ("bench", ["--device", "nowhere"], "--device nowhere: not a device"),
+    pytest.param("bench", ["--device", "cuda"], "CUDA is not available",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="has CUDA")),
 ])
 def test_bad_flags_give_one_line(tmp_path, capsys, no_data_loading, command, argv, expected):
     out = [] if command == "bench" else ["--out", str(tmp_path / "out")]
