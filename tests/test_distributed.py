@@ -430,9 +430,153 @@ def test_a_failing_rank_ends_the_job_with_its_error():
 @pytest.mark.parametrize("flags, expected", [
     (["--nproc", "3"], "must split evenly over 3 processes"),
     (["--nproc", "0"], "--nproc must be >= 1"),
+    (["--fsdp"], "--fsdp: FSDP shards the model over several processes; pass --nproc N"),
+    (["--fsdp", "--nproc", "1"], "--fsdp with --nproc 1: FSDP shards the model"),
 ])
 def test_nproc_flag_errors_before_any_process_starts(tmp_path, data, capsys, flags, expected):
     out = tmp_path / "run"
     assert main(["train", "--data", str(data), "--out", str(out), *TINY, *flags]) == 2
     assert expected in capsys.readouterr().err
     assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------------
+# tread-fx train --nproc N --fsdp
+# ---------------------------------------------------------------------------------------
+
+
+def _sharded_state(out: Path) -> dict:
+    """``checkpoint.dcp`` read whole in this process: model, optimizer (by parameter name)
+    and EMA, with the header ``meta.pt``."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    folder = out / "checkpoint.dcp"
+    assert (folder / ".metadata").is_file() and (folder / "meta.pt").is_file()
+    dcp_to_torch_save(folder, out / "whole.pt")
+    state = torch.load(out / "whole.pt", weights_only=False)
+    (out / "whole.pt").unlink()
+    meta = torch.load(folder / "meta.pt", weights_only=False)
+    state["ema"].update(meta.pop("ema"))   # the EMA's tensors and its update count
+    return dict(meta, **state)
+
+
+def _assert_close_run(a: dict, b: dict) -> None:
+    """The model, EMA and AdamW state of ``b`` equal ``a``'s to float tolerance (``a``'s
+    optimizer state by parameter index, as ``checkpoint.pt`` holds it; ``b``'s either way)."""
+    assert a["step"] == b["step"]
+    assert list(b["model"]) == list(a["model"])
+    close = dict(rtol=1e-5, atol=1e-6)
+    for key in a["model"]:
+        torch.testing.assert_close(b["model"][key], a["model"][key], **close, msg=key)
+    for key in a["ema"]["shadow"]:
+        torch.testing.assert_close(b["ema"]["shadow"][key], a["ema"]["shadow"][key], **close,
+                                   msg=key)
+    assert b["ema"]["num_updates"] == a["ema"]["num_updates"] == a["step"]
+    names = list(a["model"])   # the optimizer's parameter order
+    for i, state in a["optimizer"]["state"].items():
+        other = b["optimizer"]["state"]
+        other = other[names[i]] if names[i] in other else other[i]
+        for k, v in state.items():
+            torch.testing.assert_close(other[k], v, **close, msg=f"{names[i]}.{k}")
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
+def test_fsdp_continues_a_one_process_run_and_its_checkpoint_resumes_in_one_process(tmp_path,
+                                                                                  data):
+    """One process to step 2, ``--nproc 2 --fsdp`` to 4 (checkpoint.pt sharded on load;
+    writes checkpoint.dcp), one process again to 6 (the DCP checkpoint read whole): the
+    parameters, EMA and AdamW state are those of an uninterrupted one-process run."""
+    common = [*TINY, *EXACT, "--log-every", "1", "--ckpt-every", "2", "--eval-every", "0"]
+    resume = ["--resume", "--no-progress", "--sample-steps", "2", "--samples-per-class", "3"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert main(["train", "--data", str(data), "--out", str(straight), *common,
+                 "--steps", "4"]) == 0
+    at_4 = _state(straight)
+    assert main(["train", "--out", str(straight), *resume, "--steps", "6"]) == 0
+    at_6 = _state(straight)
+    assert main(["train", "--data", str(data), "--out", str(split), *common, "--steps", "2"]) == 0
+    proc = subprocess.Popen(_cli("train", "--out", str(split), *resume, "--steps", "4",
+                                 "--nproc", "2", "--fsdp"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    out, err = _finish(proc, "tread-fx train --nproc 2 --fsdp")
+    assert proc.returncode == 0, err[-3000:]
+    assert "2 processes (FSDP2, sharded, batch 4 each)" in err and "saved by 1" in err
+    assert err.count("loading the data") == 1 and "wrote" in out
+    # rank 0 wrote the outputs of the run; the sharded checkpoint took the place of the other
+    assert _steps(split) == [1, 2, 3, 4] and _steps(split, "eval") == [2, 4]
+    assert (split / "samples.png").stat().st_size > 0 and (split / "loss.png").stat().st_size > 0
+    assert not (split / "checkpoint.pt").exists()
+    assert sorted(p.name for p in (split / "checkpoint.dcp").iterdir()) == [
+        ".metadata", "__0_0.distcp", "__1_0.distcp", "meta.pt"]
+    sharded = _sharded_state(split)
+    assert sharded["world_size"] == 2 and sharded["sharded"]
+    _assert_close_run(at_4, sharded)
+    # and read whole by one process, which continues it as the uninterrupted run did
+    assert main(["train", "--out", str(split), *resume, "--steps", "6"]) == 0
+    assert not (split / "checkpoint.dcp").exists()
+    resumed = _state(split)
+    assert resumed["world_size"] == 1 and not resumed["sharded"]
+    _assert_close_run(at_6, resumed)
+    assert _steps(split) == list(range(1, 7))
+
+
+def test_routed_fsdp_run_writes_metrics_samples_plot_and_a_sharded_checkpoint(tmp_path, data):
+    """A routed run (TREAD loss with the auxiliary term, bf16 autocast) sharded from the
+    start: the metrics, samples, plot and a sharded checkpoint with EMA and AdamW state."""
+    out = tmp_path / "fsdp"
+    proc = subprocess.Popen(_cli("train", "--data", str(data), "--out", str(out), *TINY,
+                                 "--nproc", "2", "--fsdp", "--loss", "adapted", "--aux-weight",
+                                 "0.1", "--dtype", "bf16", "--device", "cpu", "--steps", "3",
+                                 "--log-every", "1", "--ckpt-every", "2", "--eval-every", "2"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    stdout, err = _finish(proc, "tread-fx train --nproc 2 --fsdp")
+    assert proc.returncode == 0, err[-3000:]
+    assert "routes 1:2@0.5" in err and "FSDP2" in err and "dtype bf16 (autocast)" in err
+    assert f"{out / 'checkpoint.dcp'}" in stdout
+    assert _steps(out) == [1, 2, 3] and _steps(out, "eval") == [2, 3]
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(r["heldout_loss_ema"]) for r in lines if r["kind"] == "eval")
+    assert (out / "samples.png").stat().st_size > 0 and (out / "loss.png").stat().st_size > 0
+    assert not (out / "checkpoint.pt").exists() and not list(out.glob(".*"))
+    state = _sharded_state(out)
+    assert state["step"] == 3 and state["config"]["dtype"] == "bf16"
+    assert state["run_options"]["ckpt_every"] == 2
+    assert state["ema"]["num_updates"] == 3
+    assert state["ema"]["shadow"].keys() == state["model"].keys()
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+    adam = state["optimizer"]["state"]["blocks.1.mlp.fc1.weight"]
+    assert adam["exp_avg"].shape == state["model"]["blocks.1.mlp.fc1.weight"].shape
+
+
+def _fsdp_rank_failing_in_save(args):
+    """A rank of ``tread-fx train --fsdp`` whose rank 1 raises when it comes to write the
+    sharded checkpoint, while rank 0 waits for it in torch.distributed.checkpoint's
+    collectives."""
+    from tread_fx.tools import train, train_distributed
+
+    if os.environ["RANK"] == "1":
+        def fail(self, *args):
+            raise RuntimeError("injected failure on rank 1 while saving")
+        train.Trainer.save = fail
+    return train_distributed.worker(args)
+
+
+def test_a_rank_failing_under_fsdp_ends_the_job_with_its_error(tmp_path, data):
+    tests = str(Path(__file__).parent)
+    flags = ["train", "--data", str(data), "--out", str(tmp_path / "run"), *TINY, "--fsdp",
+             "--steps", "4", "--ckpt-every", "2", "--threads", "1"]
+    code = ("import sys, argparse; sys.path.insert(0, sys.argv[1]); from test_distributed import "
+            "_fsdp_rank_failing_in_save as entry; from tread_fx.tools.cli import build_parser; "
+            "from tread_fx.tools.train_distributed import launch; "
+            "args = vars(build_parser().parse_args(sys.argv[2:])); args.pop('func', None); "
+            "launch(entry, (argparse.Namespace(**args),), 2)")
+    start = time.monotonic()
+    proc = subprocess.Popen([sys.executable, "-c", code, tests, *flags], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    _, err = _finish(proc, "the launch")
+    assert proc.returncode != 0
+    assert ("DistributedError: rank 1 of 2 failed: RuntimeError: injected failure on rank 1 "
+            "while saving" in err), err[-3000:]
+    assert time.monotonic() - start < 60

@@ -439,3 +439,47 @@ def test_fp16_on_cpu_uses_a_grad_scaler_and_resumes_bit_identically(tmp_path, da
                  "--no-progress", "--sample-steps", "2", "--threads", "1"]) == 0
     _assert_same_run(_params(tmp_path / "full"), _params(tmp_path / "split"))
     assert _params(tmp_path / "full")["config"]["dtype"] == "fp16"
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
+def test_sharded_checkpoint_replaces_the_last_one_and_a_kill_leaves_a_whole_one(tmp_path):
+    """``checkpoint.dcp`` (written here by one process) replaces the previous one by renames;
+    --resume finds the last whole checkpoint in every state a kill can leave."""
+    import torch.distributed.checkpoint as dcp
+
+    from tread_fx.tools.train_checkpoint import (CHECKPOINT_FORMAT, find_checkpoint,
+                                                 load_checkpoint, save_checkpoint,
+                                                 save_sharded_checkpoint)
+
+    def save(step: int) -> None:
+        save_sharded_checkpoint(tmp_path, step, {"w": torch.full((3,), float(step))},
+                                {"format": CHECKPOINT_FORMAT, "step": step}, main=True)
+
+    def step_of(path) -> int:
+        return load_checkpoint(path)["step"]
+
+    assert find_checkpoint(tmp_path) is None
+    save(2)
+    save(4)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.dcp"]
+    assert step_of(find_checkpoint(tmp_path)) == 4
+    loaded = {"w": torch.zeros(3)}
+    dcp.load(loaded, checkpoint_id=tmp_path / "checkpoint.dcp")
+    assert loaded["w"].tolist() == [4.0] * 3
+    # killed between the two renames: the previous checkpoint is the whole one, and the
+    # next save puts its successor in place
+    (tmp_path / "checkpoint.dcp").rename(tmp_path / ".checkpoint.dcp.old")
+    (tmp_path / ".checkpoint.dcp.6.tmp").mkdir()   # a half-written successor
+    assert find_checkpoint(tmp_path).name == ".checkpoint.dcp.old"
+    save(6)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.dcp"]
+    assert step_of(find_checkpoint(tmp_path)) == 6
+    # both kinds (a kill before the other kind was removed): the one written last
+    save_checkpoint(tmp_path / "checkpoint.pt", {"format": CHECKPOINT_FORMAT, "step": 7})
+    written = (tmp_path / "checkpoint.dcp" / "meta.pt").stat().st_mtime
+    os.utime(tmp_path / "checkpoint.pt", (written + 1, written + 1))
+    assert find_checkpoint(tmp_path).name == "checkpoint.pt"
+    os.utime(tmp_path / "checkpoint.pt", (written - 1, written - 1))
+    assert find_checkpoint(tmp_path).name == "checkpoint.dcp"
+    save(8)   # and a save removes the other kind
+    assert not (tmp_path / "checkpoint.pt").exists() and step_of(find_checkpoint(tmp_path)) == 8

@@ -19,6 +19,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +35,9 @@ from tread_fx.models import DiT
 
 from .data import Dataset, load_data
 from .errors import UsageError
-from .train_checkpoint import (CHECKPOINT_FORMAT, load_checkpoint, output_folder, save_checkpoint,
+from .train_checkpoint import (CHECKPOINT_FORMAT, DCP_NAME, PT_NAME, existing_checkpoints,
+                               find_checkpoint, load_checkpoint, output_folder, remove_sharded,
+                               remove_stale, save_checkpoint, save_sharded_checkpoint,
                                truncate_metrics)
 from .train_config import (DEFAULT_STEPS, DEFAULTS, RUN_DEFAULTS, TrainError, add_model_arguments,
                            check_config, check_out, check_route_tokens, default_routes,
@@ -78,7 +81,12 @@ class Trainer:
 
     With ``parallel`` (rank ``r`` of ``N``, the process group initialised), ``self.net`` is
     run through ``DistributedDataParallel`` (``self.wrapped``); ``config["batch"]`` is the
-    global batch and rank ``r`` trains on its ``r``-th slice.
+    global batch and rank ``r`` trains on its ``r``-th slice.  With ``parallel.fsdp`` it is
+    sharded with FSDP2 instead (``self.sharded``): ``fully_shard`` on each of the model's
+    blocks (which the routed module runs), then on ``self.net``; the parameters, the
+    optimizer state and the EMA (made from the sharded parameters) are DTensors, each rank
+    holding its shard.  Every method that needs the whole model then (:meth:`raw_model`,
+    :meth:`ema_model`, :meth:`save`) is a collective that every rank calls.
 
     Everything lives on ``device``; ``config["dtype"]`` bf16 or fp16 runs the forward pass
     and the loss under ``torch.autocast`` of that type (the parameters, gradients,
@@ -114,7 +122,16 @@ class Trainer:
         self.net.train()
         # route first, wrap the routed module (route() refuses wrapped models)
         self.wrapped = self.net
-        if world > 1:
+        self.sharded = self.parallel.fsdp
+        if self.sharded:   # FSDP2: each block (the routed module's are the model's), then the root
+            from torch.distributed.device_mesh import init_device_mesh
+            from torch.distributed.fsdp import fully_shard
+
+            mesh = init_device_mesh(self.device.type, (world,))
+            for block in self.model.blocks:
+                fully_shard(block, mesh=mesh)
+            fully_shard(self.net, mesh=mesh)
+        elif world > 1:
             ids = [self.device] if self.device.type == "cuda" else None
             self.wrapped = DistributedDataParallel(self.net, device_ids=ids)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=config["lr"], betas=(0.9, 0.999),
@@ -122,7 +139,14 @@ class Trainer:
         self.ema = EMA(self.model, decay=config["ema_decay"]) if ema else None
         self.dtype = str(config.get("dtype", "fp32"))
         self.amp_dtype = torch_dtype(self.dtype)
-        self.scaler = torch.amp.GradScaler(self.device.type) if self.dtype == "fp16" else None
+        self.scaler = None
+        if self.dtype == "fp16":   # sharded: the overflow check is agreed on by every rank
+            if self.sharded:
+                from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+                self.scaler = ShardedGradScaler(self.device.type)
+            else:
+                self.scaler = torch.amp.GradScaler(self.device.type)
         self.rf = RectifiedFlow()
         self.fn = TimeScaled(self.wrapped)
         self.step = 0
@@ -223,7 +247,9 @@ class Trainer:
             self.opt.zero_grad(set_to_none=True)
             (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
         if self.scaler is not None:
-            self.scaler.unscale_(self.opt)   # clip the true gradients
+            with warnings.catch_warnings():   # sharded: its (1,)-shaped found_inf meets DTensors
+                warnings.filterwarnings("ignore", "Found a non-scalar tensor with numel=1")
+                self.scaler.unscale_(self.opt)   # clip the true gradients
         if self.config["grad_clip"] > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config["grad_clip"])
         if self.scaler is not None:
@@ -241,25 +267,56 @@ class Trainer:
             loss = loss / world
         return float(loss)
 
-    def ema_model(self) -> DiT:
-        """A fresh DiT holding the EMA weights (the raw model when there is no EMA)."""
+    def raw_model(self) -> torch.nn.Module | None:
+        """The trained model with its current weights, whole: ``self.model``, or, sharded, a
+        fresh DiT with the gathered weights on rank 0 (``None`` on the other ranks; every
+        rank must call this)."""
+        if not self.sharded:
+            return self.model
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True,
+                                                                         cpu_offload=True))
+        if not self.parallel.main:
+            return None
         m = build_model(self.config, self.data).to(self.device)
+        m.load_state_dict(full)
+        return m.train(self.model.training)
+
+    def ema_model(self) -> DiT | None:
+        """A fresh DiT holding the EMA weights (the raw model when there is no EMA).
+        Sharded, the EMA is gathered to rank 0 (``None`` on the other ranks; every rank must
+        call this)."""
         if self.ema is None:
-            m.load_state_dict(self.model.state_dict())
-        else:
-            self.ema.copy_to(m)
+            raw = self.raw_model()
+            if raw is None:
+                return None
+            m = build_model(self.config, self.data).to(self.device)
+            m.load_state_dict(raw.state_dict())
+            return m.eval()
+        if self.sharded:   # one tensor at a time, in the same order on every rank
+            shadow = {n: _full(s) for n, s in self.ema.shadow.items()}
+            if not self.parallel.main:
+                return None
+            m = build_model(self.config, self.data).to(self.device)
+            with torch.no_grad():
+                for n, p in m.named_parameters():
+                    p.copy_(shadow[n])
+                for n, b in m.named_buffers():
+                    b.copy_(self.ema.buffers[n])
+            return m.eval()
+        m = build_model(self.config, self.data).to(self.device)
+        self.ema.copy_to(m)
         return m.eval()
 
     # -- state ----------------------------------------------------------------------------
-    def state_dict(self) -> dict:
+    def _header(self) -> dict:
+        """The checkpoint's entries other than the model, optimizer and EMA tensors."""
         return {
             "format": CHECKPOINT_FORMAT,
             "step": self.step,
             "train_time": self.train_time,
             "config": dict(self.config),
-            "model": self.model.state_dict(),
-            "optimizer": self.opt.state_dict(),
-            "ema": self.ema.state_dict() if self.ema is not None else None,
             "rng": {
                 "torch": torch.get_rng_state(),
                 "scheme": "per-step streams: data order per epoch, t/noise and global "
@@ -269,20 +326,134 @@ class Trainer:
             },
             "data": self.data.fingerprint(),
             "world_size": self.parallel.world,
+            "sharded": self.sharded,
             "device": str(self.device),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
         }
 
+    def state_dict(self) -> dict:
+        """The one-process checkpoint (``checkpoint.pt``); not for a sharded trainer, whose
+        checkpoint :meth:`save` writes."""
+        if self.sharded:
+            raise RuntimeError("a sharded trainer's checkpoint is written by Trainer.save")
+        return dict(self._header(),
+                    model=self.model.state_dict(),
+                    optimizer=self.opt.state_dict(),
+                    ema=self.ema.state_dict() if self.ema is not None else None)
+
+    def _sharded_state(self) -> dict:
+        """The tensors of a sharded checkpoint: the model's and the optimizer's state (by
+        parameter name, from ``get_state_dict``) and the EMA's; DTensors when sharded,
+        whole tensors otherwise (as templates to load into)."""
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model, optim = get_state_dict(self.model, self.opt)
+        state = {"model": model, "optimizer": optim}
+        if self.ema is not None:
+            state["ema"] = {"shadow": self.ema.shadow, "buffers": self.ema.buffers}
+        return state
+
+    def save(self, out: Path, extra: dict) -> Path:
+        """Write the checkpoint to ``out``: ``checkpoint.pt`` (rank 0, one-process and DDP
+        runs) or, sharded, ``checkpoint.dcp`` (every rank calls this).  ``extra`` is stored
+        with it (the run options).  Returns the path."""
+        if self.sharded:
+            header = dict(self._header(), **extra)
+            if self.ema is not None:
+                header["ema"] = {k: v for k, v in self.ema.state_dict().items()
+                                 if k not in ("shadow", "buffers")}
+            return save_sharded_checkpoint(out, self.step, self._sharded_state(), header,
+                                           main=self.parallel.main)
+        if self.parallel.main:
+            save_checkpoint(out / PT_NAME, dict(self.state_dict(), **extra))
+            remove_sharded(out)
+        return out / PT_NAME
+
     def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
-        self.opt.load_state_dict(state["optimizer"])
-        if self.ema is not None and state.get("ema") is not None:
-            self.ema.load_state_dict(state["ema"])
+        """Load a checkpoint: ``checkpoint.pt``'s state, or the header of a sharded one
+        (``state["dcp"]``, its folder), whatever the number of processes that wrote it and
+        whether this trainer is sharded."""
+        if "dcp" in state:
+            self._load_sharded(state)
+        elif self.sharded:
+            self._load_whole_into_shards(state)
+        else:
+            self.model.load_state_dict(state["model"])
+            self.opt.load_state_dict(state["optimizer"])
+            if self.ema is not None and state.get("ema") is not None:
+                self.ema.load_state_dict(state["ema"])
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng"]["torch"])
         self.step = int(state["step"])
         self.train_time = float(state.get("train_time", 0.0))
+
+    def _load_sharded(self, state: dict) -> None:
+        """Load the tensors of the sharded checkpoint ``state["dcp"]`` (written by any number
+        of ranks) into this trainer: resharded to its ranks, or whole in one process."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.api import CheckpointException
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        tensors = self._sharded_state()
+        if self.ema is not None and state.get("ema") is None:
+            del tensors["ema"]   # a run without EMA: keep this one's
+        alone = not (dist.is_available() and dist.is_initialized())
+        try:
+            with warnings.catch_warnings():   # one process loading: what it warns about
+                warnings.filterwarnings("ignore", "torch.distributed is disabled")
+                dcp.load(tensors, checkpoint_id=state["dcp"], no_dist=alone)
+        except (Exception, CheckpointException) as e:   # noqa: BLE001 - damaged or foreign
+            cause = e
+            if isinstance(e, CheckpointException) and e.failures:   # the first rank's error
+                cause = next(iter(e.failures.values()))   # (exception, its stack)
+                cause = cause[0] if isinstance(cause, tuple) else cause
+            raise TrainError(f"{state['dcp']}: cannot read the checkpoint "
+                             f"({type(cause).__name__}: {cause})") from None
+        set_state_dict(self.model, self.opt, model_state_dict=tensors["model"],
+                       optim_state_dict=tensors["optimizer"])
+        if "ema" in tensors:   # loaded in place into the EMA's own tensors
+            self.ema.num_updates = int(state["ema"]["num_updates"])
+
+    def _load_whole_into_shards(self, state: dict) -> None:
+        """Load a one-process checkpoint (whole tensors, the optimizer's state by parameter
+        index) into the sharded model, optimizer and EMA; each rank keeps its shards."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        names = [n for n, _ in self.model.named_parameters()]   # the optimizer's order
+        saved = state["optimizer"]
+        optim = {"state": {names[i]: v for i, v in saved["state"].items()},
+                 "param_groups": [dict(g, params=[names[i] for i in g["params"]])
+                                  for g in saved["param_groups"]]}
+        set_state_dict(self.model, self.opt, model_state_dict=state["model"],
+                       optim_state_dict=optim, options=StateDictOptions(full_state_dict=True))
+        if self.ema is not None and state.get("ema") is not None:
+            ema = state["ema"]
+            with torch.no_grad():
+                for n, s in self.ema.shadow.items():
+                    _copy_whole_into(s, ema["shadow"][n])
+                for n, b in self.ema.buffers.items():
+                    b.copy_(ema["buffers"][n])
+            self.ema.num_updates = int(ema.get("num_updates", 0))
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's whole tensor (a collective), any other tensor as it is."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _copy_whole_into(dst: torch.Tensor, whole: torch.Tensor) -> None:
+    """Copy ``whole`` into ``dst``: into this rank's shard when ``dst`` is a DTensor."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    whole = whole.to(device=dst.device, dtype=dst.dtype)
+    if isinstance(dst, DTensor):   # every rank has the whole tensor: no communication
+        whole = distribute_tensor(whole, dst.device_mesh, dst.placements,
+                                  src_data_rank=None).to_local()
+        dst = dst.to_local()
+    dst.copy_(whole)
 
 
 # ---------------------------------------------------------------------------------------
@@ -328,23 +499,36 @@ def _where(trainer: Trainer) -> str:
     return f"device {trainer.device}{mine}, dtype {trainer.dtype}{amp}"
 
 
-def _eval_record(trainer: Trainer, evalset: EvalSet, wall: float) -> dict:
-    what = "raw and EMA weights" if trainer.ema is not None else "raw weights"
+def _whole_models(trainer: Trainer) -> tuple[torch.nn.Module | None, DiT | None]:
+    """The raw and the EMA model (``None`` without EMA), whole, for evaluation and sampling.
+    Sharded, every rank must call this (the weights are gathered to rank 0) and the other
+    ranks get ``(None, None)``."""
+    raw = trainer.raw_model()
+    return raw, trainer.ema_model() if trainer.ema is not None else None
+
+
+def _eval_record(trainer: Trainer, evalset: EvalSet, wall: float,
+                 models: tuple[torch.nn.Module, DiT | None]) -> dict:
+    """The held-out losses of ``models`` (from :func:`_whole_models`) as a metrics record."""
+    raw, ema_model = models
+    what = "raw and EMA weights" if ema_model is not None else "raw weights"
     status(f"step {trainer.step}: evaluating the held-out loss ({len(evalset.x)} images x "
            f"{len(evalset.grid)} noise levels, {what}) ...")
-    loss, per_t = evalset.loss(trainer.model)
+    loss, per_t = evalset.loss(raw)
     rec = {"kind": "eval", "step": trainer.step, "heldout_loss": loss,
            "heldout_per_t": dict(zip([str(t) for t in evalset.grid], per_t)),
            "wall_s": round(wall, 3), "train_s": round(trainer.train_time, 3)}
-    if trainer.ema is not None:
-        rec["heldout_loss_ema"] = evalset.loss(trainer.ema_model())[0]
+    if ema_model is not None:
+        rec["heldout_loss_ema"] = evalset.loss(ema_model)[0]
     ema = f" (EMA {rec['heldout_loss_ema']:.4f})" if "heldout_loss_ema" in rec else ""
     status(f"step {trainer.step}: held-out loss {loss:.4f}{ema}")
     return rec
 
 
-def _samples(trainer: Trainer, args: argparse.Namespace, sparse_routes: str | None) -> np.ndarray:
-    """The sample grid of the EMA model, one labelled row per class (8 x 8 for one class)."""
+def _samples(trainer: Trainer, args: argparse.Namespace, sparse_routes: str | None,
+             model: DiT) -> np.ndarray:
+    """The sample grid of ``model`` (the EMA model), one labelled row per class (8 x 8 for
+    one class)."""
     data = trainer.data
     k = data.num_classes
     if k == 1:
@@ -360,7 +544,6 @@ def _samples(trainer: Trainer, args: argparse.Namespace, sparse_routes: str | No
         guidance = "none" if guidance == "cfg" else "sparse"
     status(f"sampling {len(labels)} images ({rows} rows x {cols}; {args.sample_steps} Euler "
            f"steps, guidance {guidance}, EMA weights) ...")
-    model = trainer.ema_model()
     routed = tread_fx.route(model, sparse_routes) if sparse_routes is not None else None
     images = sample_images(model, labels, data.shape, steps=args.sample_steps,
                            seed=args.sample_seed, guidance=guidance, cfg_scale=args.cfg_scale,
@@ -385,42 +568,60 @@ class Setup:
     opts: dict
     sparse_routes: str | None
     device: torch.device = torch.device("cpu")
+    #: the checkpoint that ``state`` comes from (None for a new run)
+    resumed_from: Path | None = None
+    #: FSDP2 (``--fsdp``): the checkpoint is ``checkpoint.dcp`` instead of ``checkpoint.pt``
+    sharded: bool = False
 
     @property
     def ckpt_path(self) -> Path:
-        return self.out / "checkpoint.pt"
+        """The checkpoint this run writes."""
+        return self.out / (DCP_NAME if self.sharded else PT_NAME)
+
+
+def _check_fsdp(args: argparse.Namespace, ranked: bool) -> None:
+    """``--fsdp`` shards over the ranks of ``--nproc N`` (N >= 2) or of torchrun."""
+    if getattr(args, "fsdp", False) and not ranked:
+        given = f" with --nproc {args.nproc}" if getattr(args, "nproc", None) is not None else ""
+        raise UsageError(f"--fsdp{given}: FSDP shards the model over several processes; pass "
+                         f"--nproc N with N >= 2, or start the ranks with torchrun")
 
 
 def setup(args: argparse.Namespace, parallel: Parallel | None = None, *,
           announce: bool = True) -> Setup:
     """Every check of the flags and of the checkpoint to resume, before any data are loaded
     or a model is built (``tread-fx train --nproc`` runs it before it starts processes)."""
+    par = parallel or Parallel()
+    world = par.world
+    ranked = world > 1 or launched_by_torchrun()
+    _check_fsdp(args, ranked)
     out = check_out(args.out)
-    ckpt_path = out / "checkpoint.pt"
+    ckpt_path = find_checkpoint(out) if out.is_dir() else None
     state = None
     if args.resume:
-        if ckpt_path.exists():
+        if ckpt_path is not None:
             state = load_checkpoint(ckpt_path)
         elif announce:
-            print(f"note: --resume but {ckpt_path} does not exist; starting a new run", file=sys.stderr)
-    elif ckpt_path.exists() and not args.overwrite:
-        raise TrainError(f"{out} already holds a run (checkpoint.pt); pass --resume to continue "
+            print(f"note: --resume but {out} holds no {PT_NAME} or {DCP_NAME}; starting a new "
+                  f"run", file=sys.stderr)
+    elif not args.overwrite and (held := existing_checkpoints(out) if out.is_dir() else []):
+        raise TrainError(f"{out} already holds a run ({held[0]}); pass --resume to continue "
                          f"it, --overwrite to start over, or choose another --out")
-    config = resolve_config(args, state["config"] if state else None, ckpt_path)
+    config = resolve_config(args, state["config"] if state else None,
+                            ckpt_path or out / PT_NAME)
     steps = DEFAULT_STEPS if args.steps is None else args.steps
     opts = dict(RUN_DEFAULTS, **((state or {}).get("run_options") or {}))
     opts.update({k: getattr(args, k) for k in RUN_DEFAULTS if getattr(args, k, None) is not None})
     check_config(config)
     _check_run_flags(args, steps, opts)
-    world = (parallel or Parallel()).world
     if config["batch"] % world:
         given = "the checkpoint's --batch" if state is not None else "--batch"
         raise UsageError(f"{given} {config['batch']} is the global batch and must split evenly "
                          f"over {world} processes; use a number of processes that divides it")
-    ranked = world > 1 or launched_by_torchrun()
     device = resolve_device(getattr(args, "device", None), config["dtype"], distributed=ranked,
                             world=world, local_rank=int(os.environ.get("LOCAL_RANK", "0")))
-    return Setup(out, state, config, steps, opts, _sampling_routes(config, args.guidance), device)
+    return Setup(out, state, config, steps, opts, _sampling_routes(config, args.guidance), device,
+                 resumed_from=ckpt_path if state is not None else None, sharded=par.fsdp)
 
 
 def run(args: argparse.Namespace, parallel: Parallel | None = None,
@@ -438,7 +639,7 @@ def run(args: argparse.Namespace, parallel: Parallel | None = None,
     found = setup(args, par, announce=par.main)
     device = found.device if device is None else torch.device(device)
     out, state, config, steps, opts = found.out, found.state, found.config, found.steps, found.opts
-    ckpt_path, metrics_path = found.ckpt_path, out / "metrics.jsonl"
+    ckpt_path, metrics_path = found.resumed_from, out / "metrics.jsonl"
     say = status if par.main else (lambda message: None)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -462,24 +663,27 @@ def run(args: argparse.Namespace, parallel: Parallel | None = None,
                          f"on ({state['data']['source']}); a resumed run needs the same data")
     n_params = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     routes = trainer.routes or "none (dense)"
-    ranks = f", {par.world} processes (DDP, batch {config['batch'] // par.world} each)" \
-        if par.world > 1 else ""
+    how = "FSDP2, sharded" if par.fsdp else "DDP"
+    ranks = f", {par.world} processes ({how}, batch {config['batch'] // par.world} each)" \
+        if par.world > 1 or par.fsdp else ""
     say(f"model  DiT depth {config['depth']} width {config['hidden']} patch {config['patch']} "
         f"({trainer.model.x_embedder.num_patches} tokens, {n_params / 1e6:.2f}M params), "
         f"routes {routes}, loss {config['loss']}{ranks}; {_where(trainer)}")
 
     with output_folder(out) if par.main else contextlib.nullcontext(out):
         if par.main:
-            for stale in out.glob(".checkpoint.pt.*.tmp"):  # left by a run killed while saving
-                stale.unlink(missing_ok=True)
+            remove_stale(out)   # left by a run killed while saving
         records, wall0 = [], 0.0
         if state is not None:
             trainer.load_state_dict(state)
             if par.main:
                 records = truncate_metrics(metrics_path, trainer.step)
                 wall0 = max([r.get("wall_s", 0.0) for r in records] + [trainer.train_time])
-            was = state.get("world_size", 1)
-            now = f" on {par.world} process(es), saved by {was}" if was != par.world else ""
+            was, was_sharded = state.get("world_size", 1), bool(state.get("sharded"))
+            now = ""
+            if (was, was_sharded) != (par.world, par.fsdp):
+                now = (f" on {par.world} process(es){' (FSDP)' * par.fsdp}, saved by {was}"
+                       f"{' (FSDP)' * was_sharded}")
             say(f"resume step {trainer.step} -> {steps} from {ckpt_path}{now}")
             if trainer.step > steps:
                 say(f"note: the run is already at step {trainer.step} > --steps {steps}; only "
@@ -487,17 +691,19 @@ def run(args: argparse.Namespace, parallel: Parallel | None = None,
         elif par.main:
             for name in ("metrics.jsonl", "samples.png", "loss.png"):
                 (out / name).unlink(missing_ok=True)
-        summary = _train(trainer, args, out, records, wall0, steps, opts, found.sparse_routes)
+        summary = _train(trainer, args, out, records, wall0, steps, opts, found.sparse_routes,
+                         ckpt_path)
     return summary
 
 
 def _train(trainer: Trainer, args: argparse.Namespace, out: Path, records: list[dict], wall0: float,
-           steps: int, opts: dict, sparse_routes: str | None) -> dict:
+           steps: int, opts: dict, sparse_routes: str | None, resumed_from: Path | None) -> dict:
     """The training loop, the final evaluation, samples and plot of :func:`run` (the
-    evaluations, samples, plot and every file on rank 0 only)."""
+    evaluations, samples, plot and every file on rank 0 only; sharded, every rank takes
+    part in gathering the weights for them and in writing the checkpoint)."""
     config, data = trainer.config, trainer.data
-    main = trainer.parallel.main
-    ckpt_path, metrics_path = out / "checkpoint.pt", out / "metrics.jsonl"
+    main, sharded = trainer.parallel.main, trainer.sharded
+    ckpt_path, metrics_path = resumed_from, out / "metrics.jsonl"
     log_every, ckpt_every, eval_every = opts["log_every"], opts["ckpt_every"], opts["eval_every"]
     evalset = EvalSet(data) if main else None
     start_wall = time.perf_counter()
@@ -512,8 +718,8 @@ def _train(trainer: Trainer, args: argparse.Namespace, out: Path, records: list[
                 mf.flush()
 
         def save() -> None:
-            if main:
-                save_checkpoint(ckpt_path, dict(trainer.state_dict(), run_options=opts))
+            nonlocal ckpt_path
+            ckpt_path = trainer.save(out, {"run_options": opts})
 
         bar = progress_bar(steps, initial=min(trainer.step, steps), desc="training",
                            enabled=main and not args.no_progress)
@@ -540,21 +746,32 @@ def _train(trainer: Trainer, args: argparse.Namespace, out: Path, records: list[
                           "dtype": trainer.dtype})
                     bar.set_postfix(loss=f"{last_loss:.4f}", steps_per_s=f"{sps:.2f}", refresh=False)
                     acc_loss, acc_n, acc_time = 0.0, 0, 0.0
-                if main and eval_every and s % eval_every == 0 and s != steps:
-                    emit(_eval_record(trainer, evalset, wall))
+                if eval_every and s % eval_every == 0 and s != steps and (main or sharded):
+                    models = _whole_models(trainer)   # sharded: every rank gathers
+                    if main:
+                        emit(_eval_record(trainer, evalset, wall, models))
+                    del models
                 if s % ckpt_every == 0 or s == steps:
                     save()
         finally:
             bar.close()
-        if not main:   # the other ranks are done: rank 0 evaluates, samples and plots
+        if ran == 0 and resumed_from is None:   # --steps 0: the checkpoint of the new run
+            save()
+        if not main and not sharded:   # the other ranks are done: rank 0 evaluates, samples
+            return {"out": str(out), "step": trainer.step, "steps_run": ran}
+        raw, ema_model = _whole_models(trainer)   # sharded: every rank gathers, then is done
+        if not main:
             return {"out": str(out), "step": trainer.step, "steps_run": ran}
         if not any(r.get("kind") == "eval" and r.get("step") == trainer.step for r in records):
-            emit(_eval_record(trainer, evalset, wall0 + time.perf_counter() - start_wall))
-    if ran == 0 and not ckpt_path.exists():
-        save_checkpoint(ckpt_path, dict(trainer.state_dict(), run_options=opts))
+            emit(_eval_record(trainer, evalset, wall0 + time.perf_counter() - start_wall,
+                              (raw, ema_model)))
+    if ema_model is None:   # no EMA: sample with the raw weights
+        ema_model = build_model(config, data).to(trainer.device)
+        ema_model.load_state_dict(raw.state_dict())
+        ema_model.eval()
 
     t0 = time.perf_counter()
-    write_png(out / "samples.png", _samples(trainer, args, sparse_routes))
+    write_png(out / "samples.png", _samples(trainer, args, sparse_routes, ema_model))
     sample_s = time.perf_counter() - t0
     routes = trainer.routes or "none (dense)"
     title = (f"DiT d{config['depth']} w{config['hidden']}, routes {routes}, loss {config['loss']}, "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,11 +16,24 @@ import torch
 from .errors import UsageError
 from .train_config import TrainError, check_out
 
-__all__ = ["CHECKPOINT_FORMAT", "atomic_write", "load_checkpoint", "output_folder",
-           "read_metrics", "save_checkpoint", "truncate_metrics"]
+__all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_NAMES", "DCP_NAME", "PT_NAME", "atomic_write",
+           "existing_checkpoints", "find_checkpoint", "load_checkpoint", "load_sharded_meta",
+           "output_folder", "read_metrics", "remove_sharded", "remove_stale", "save_checkpoint",
+           "save_sharded_checkpoint", "truncate_metrics"]
 
 #: Stored in every checkpoint; a checkpoint of another format is refused on ``--resume``.
 CHECKPOINT_FORMAT = "tread-fx-train/1"
+#: The one-process checkpoint (one ``torch.save`` file; one-process and DDP runs).
+PT_NAME = "checkpoint.pt"
+#: The sharded checkpoint of an FSDP run: a ``torch.distributed.checkpoint`` folder (the
+#: tensors of the model, optimizer and EMA) with ``meta.pt`` (step, settings, RNG, ...).
+DCP_NAME = "checkpoint.dcp"
+#: The header of a sharded checkpoint, inside its folder (written last: it marks it whole).
+DCP_META = "meta.pt"
+#: The previous sharded checkpoint while a new one takes its place (see save_sharded_checkpoint).
+_DCP_OLD = ".checkpoint.dcp.old"
+#: What ``--resume`` looks for (and what a new run refuses to overwrite without --overwrite).
+CHECKPOINT_NAMES = (PT_NAME, DCP_NAME)
 
 
 def _current_umask() -> int:
@@ -112,7 +126,11 @@ def save_checkpoint(path: Path, state: dict) -> None:
 
 
 def load_checkpoint(path: Path) -> dict:
-    """A checkpoint written by :func:`save_checkpoint`; :class:`TrainError` for anything else."""
+    """A checkpoint written by :func:`save_checkpoint` (or the header of one written by
+    :func:`save_sharded_checkpoint`, see :func:`load_sharded_meta`); :class:`TrainError`
+    for anything else."""
+    if Path(path).is_dir():
+        return load_sharded_meta(Path(path))
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
@@ -120,6 +138,106 @@ def load_checkpoint(path: Path) -> dict:
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise TrainError(f"{path}: not a tread-fx train checkpoint (expected format "
                          f"{CHECKPOINT_FORMAT!r})")
+    return state
+
+
+def _sync_folder(path: Path) -> None:
+    """fsync the folder ``path`` (its renames durable), where the file system allows it."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _dcp_complete(path: Path) -> bool:
+    return (path / DCP_META).is_file() and (path / ".metadata").is_file()
+
+
+def find_checkpoint(out: Path) -> Path | None:
+    """The checkpoint in ``out`` to resume: ``checkpoint.pt`` or ``checkpoint.dcp`` (the
+    sharded one of an FSDP run, or the previous one when a run was killed while putting a
+    new one in its place).  When both kinds are there (a run killed between writing its
+    checkpoint and removing the other kind), the one written last."""
+    found = []
+    if (out / PT_NAME).is_file():
+        found.append(out / PT_NAME)
+    for name in (DCP_NAME, _DCP_OLD):
+        if _dcp_complete(out / name):
+            found.append(out / name)
+            break
+    if not found:
+        return None
+
+    def written(p: Path) -> float:
+        return (p / DCP_META if p.is_dir() else p).stat().st_mtime
+
+    return max(found, key=lambda p: (written(p), p.name == PT_NAME))
+
+
+def existing_checkpoints(out: Path) -> list[str]:
+    """The names of the checkpoints (of either kind) in ``out``."""
+    return [name for name in (PT_NAME, DCP_NAME, _DCP_OLD) if (out / name).exists()]
+
+
+def remove_stale(out: Path) -> None:
+    """Remove what a run killed while saving left behind (temporary files and folders)."""
+    for stale in out.glob(f".{PT_NAME}.*.tmp"):
+        stale.unlink(missing_ok=True)
+    for stale in out.glob(f".{DCP_NAME}.*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def remove_sharded(out: Path) -> None:
+    """Remove the sharded checkpoint in ``out`` (once a ``checkpoint.pt`` took its place)."""
+    for name in (DCP_NAME, _DCP_OLD):
+        shutil.rmtree(out / name, ignore_errors=True)
+
+
+def save_sharded_checkpoint(out: Path, step: int, state: dict, meta: dict, *,
+                            main: bool) -> Path:
+    """Write ``out/checkpoint.dcp``: ``state`` (of DTensors; every rank calls this) with
+    ``torch.distributed.checkpoint.save``, then, on rank 0 (``main``), the header ``meta``.
+
+    The checkpoint is written to a new folder, which then takes the old one's place by two
+    renames (the old one is kept as ``.checkpoint.dcp.old`` until the new one is in place):
+    a kill at any moment leaves a whole checkpoint that :func:`find_checkpoint` finds.  A
+    one-process ``checkpoint.pt`` of the same run is removed once the new one is in place.
+    """
+    import torch.distributed.checkpoint as dcp
+
+    tmp = out / f".{DCP_NAME}.{step}.tmp"
+    dcp.save(state, checkpoint_id=tmp)   # rank 0 returns once every rank's shards are written
+    if main:
+        atomic_write(tmp / DCP_META, lambda f: torch.save(_on_cpu(meta), f))
+        final, old = out / DCP_NAME, out / _DCP_OLD
+        if final.exists():     # whole (only a whole checkpoint is ever renamed to it)
+            shutil.rmtree(old, ignore_errors=True)
+            final.rename(old)
+        # else a kill came between the renames last time: ``old`` is the last whole one
+        tmp.rename(final)
+        _sync_folder(out)
+        shutil.rmtree(old, ignore_errors=True)
+        (out / PT_NAME).unlink(missing_ok=True)
+    return out / DCP_NAME
+
+
+def load_sharded_meta(path: Path) -> dict:
+    """The header of the sharded checkpoint ``path`` (its tensors are loaded by the
+    trainer); ``state["dcp"]`` is the folder.  :class:`TrainError` for anything else."""
+    try:
+        state = torch.load(path / DCP_META, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise TrainError(f"{path}: cannot read the checkpoint ({e})") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise TrainError(f"{path}: not a tread-fx train checkpoint (expected format "
+                         f"{CHECKPOINT_FORMAT!r})")
+    state["dcp"] = str(path)
     return state
 
 

@@ -51,6 +51,7 @@ Written to ``--out`` (default ``runs/train``):
 * ``checkpoint.pt`` -- every ``--ckpt-every`` steps and at the end, written atomically
   (temporary file in the same folder, fsync, ``os.replace``).  Holds the model's
   ``state_dict`` (the original model's keys), optimizer, EMA, RNG state, step and settings.
+  An ``--fsdp`` run writes the folder ``checkpoint.dcp/`` instead (see "Sharded" below).
 * ``samples.png`` -- EMA-model samples (Euler, fixed seed), one row per class, each row
   labelled with its class name on the left.
 * ``loss.png`` -- the training loss curve (and held-out loss points).
@@ -72,6 +73,20 @@ each step's batch and of its ``t`` and noise, so the data seen are those of a on
 run; label dropout and token selection draw from a stream of ``(--seed, s, r, N)``.  Rank 0
 evaluates and writes every file; the checkpoint is the one-process checkpoint, so a run
 resumes at any number of processes.  A rank that fails ends the job with its error.
+
+Sharded: ``--fsdp`` (with ``--nproc N`` or under torchrun) shards the model with FSDP2
+instead of DDP -- ``fully_shard`` on each DiT block, then on the routed module -- so each
+rank holds 1/N of the parameters, gradients, AdamW state and EMA (the EMA is kept sharded
+next to the parameters it averages: elementwise, it is the EMA one process keeps).  The
+draws are those of the DDP run.  For the held-out evaluations and the samples the weights
+(raw and EMA) are gathered to rank 0, which evaluates, samples and writes the files.  The
+checkpoint is ``checkpoint.dcp/`` instead of ``checkpoint.pt``: a
+``torch.distributed.checkpoint`` folder written by every rank (model, AdamW state by
+parameter name, EMA; ``get_state_dict``) plus ``meta.pt`` (step, settings, RNG, EMA count,
+run options), put in place of the previous one by renames, so a kill leaves a whole
+checkpoint.  ``--resume`` takes either kind (the one written last), with or without
+``--fsdp`` and at any number of processes: DCP reshards on load, and a ``checkpoint.pt``
+is sharded on load (``set_state_dict``).  A run writes one kind and removes the other.
 
 Device and precision: ``--device`` (default ``cpu``; ``cuda``, ``cuda:N``, or ``auto``: cuda
 when there is a GPU, else cpu) holds the model, EMA, optimizer, batches, noise, evaluation
@@ -223,7 +238,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"train until this step (total, also when resuming; default {DEFAULT_STEPS})")
     g.add_argument("--out", default="runs/train", help="output folder (default runs/train)")
     g.add_argument("--resume", action="store_true",
-                   help="continue the run whose checkpoint.pt is in --out, with its settings")
+                   help="continue the run whose checkpoint (checkpoint.pt, or checkpoint.dcp/ "
+                        "of an --fsdp run) is in --out, with its settings")
     g.add_argument("--overwrite", action="store_true",
                    help="start a new run even if --out holds a checkpoint")
     g.add_argument("--log-every", type=int, default=None,
@@ -241,6 +257,12 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                         "when --device is left out and there are GPUs; else on the CPU (gloo); "
                         "--batch is the global batch, split evenly.  Under torchrun leave it "
                         "out: the ranks torchrun starts are used")
+    g.add_argument("--fsdp", action="store_true",
+                   help="with --nproc N or under torchrun: shard the model, optimizer state and "
+                        "EMA over the processes with FSDP2 (fully_shard on each block, then on "
+                        "the routed model) instead of DDP; the checkpoint is then "
+                        "checkpoint.dcp/ (torch.distributed.checkpoint, sharded), which "
+                        "resumes with or without --fsdp at any number of processes")
     g = p.add_argument_group("samples")
     g.add_argument("--sample-steps", type=int, default=40, help="Euler steps (default 40)")
     g.add_argument("--samples-per-class", type=int, default=10, help="grid columns (default 10)")

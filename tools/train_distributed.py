@@ -8,12 +8,15 @@ with GPUs -- nccl with one GPU per process, ``cuda:LOCAL_RANK``; on the CPU gloo
 started run :func:`worker` directly.
 
 The trainer routes the model first and wraps the routed module in
-``DistributedDataParallel`` (``tread_fx.route`` refuses wrapped models).  Every rank takes
-its slice of each step's batch; rank 0 evaluates and writes every file, and its checkpoint
-is the one-process checkpoint, so a run resumes at any number of processes.  A rank that
-raises records its error for the launcher and ends at once; the launcher then stops the
-other ranks (which may be waiting in a collective) and :func:`launch` raises
-:class:`DistributedError` naming the rank and its error.
+``DistributedDataParallel`` (``tread_fx.route`` refuses wrapped models); with ``--fsdp`` it
+shards it with FSDP2 instead (``fully_shard`` on each block of the model, then on the routed
+module).  Every rank takes its slice of each step's batch; rank 0 evaluates and writes every
+file.  A DDP run's checkpoint is the one-process checkpoint (``checkpoint.pt``, written by
+rank 0); an FSDP run's is ``checkpoint.dcp/``, the sharded state written by every rank with
+``torch.distributed.checkpoint``.  Either resumes at any number of processes, with or
+without ``--fsdp``.  A rank that raises records its error for the launcher and ends at
+once; the launcher then stops the other ranks (which may be waiting in a collective) and
+:func:`launch` raises :class:`DistributedError` naming the rank and its error.
 """
 
 from __future__ import annotations
@@ -49,10 +52,13 @@ _LAUNCHER_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGINT"
 
 @dataclass(frozen=True)
 class Parallel:
-    """This process's place in a data-parallel run: rank ``rank`` of ``world``."""
+    """This process's place in a data-parallel run: rank ``rank`` of ``world``; ``fsdp``:
+    the model, optimizer and EMA are sharded over the ranks (FSDP2) instead of replicated
+    (DDP)."""
 
     rank: int = 0
     world: int = 1
+    fsdp: bool = False
 
     @property
     def main(self) -> bool:
@@ -180,7 +186,8 @@ def worker(args: argparse.Namespace) -> dict | None:
         else:
             device = torch.device("cpu")
             dist.init_process_group("gloo")
-        parallel = Parallel(dist.get_rank(), dist.get_world_size())
+        parallel = Parallel(dist.get_rank(), dist.get_world_size(),
+                            fsdp=bool(getattr(args, "fsdp", False)))
         summary = run(args, parallel=parallel, device=device)
     except BaseException as e:  # noqa: BLE001 - every failure ends the rank, see _end_rank
         _end_rank(e)
@@ -200,7 +207,9 @@ def main(args: argparse.Namespace) -> int:
         raise UsageError(f"--nproc {nproc}: this process was started by torchrun, which "
                          f"starts the ranks itself; leave --nproc out (torchrun's "
                          f"--nproc-per-node sets their number)")
-    found = setup(args, Parallel(0, nproc), announce=False)   # every check before any process starts
+    # every check before any process starts
+    found = setup(args, Parallel(0, nproc, fsdp=bool(getattr(args, "fsdp", False))),
+                  announce=False)
     gpus = torch.cuda.device_count() if found.device.type == "cuda" else 0
     if gpus and nproc > gpus:
         raise UsageError(f"--nproc {nproc}: only {gpus} GPU(s) here, and each process uses one; "
