@@ -137,10 +137,12 @@ def insert_routes(graph: fx.Graph, chain: BlockChain, routes: Sequence[Route],
                 if side.routed:
                     new = graph.create_node(
                         "call_function", gather_side,
-                        (value, select, side.axes, side.offset, side.batch_axis), {},
+                        (value, select, side.axes, side.offset, side.batch_axis,
+                         *((side.tail,) if side.tail else ())), {},
                         name=f"tread_side_{i}_{k}")
                     new.meta[TREAD_META] = {**meta, "role": "side", "arg": side.arg,
-                                            "axes": side.axes, "offset": side.offset}
+                                            "axes": side.axes, "offset": side.offset,
+                                            "tail": side.tail}
                 elif not plan.shapes_known:
                     new = graph.create_node(
                         "call_function", check_side_input,

@@ -7,8 +7,9 @@ enters the blocks of a route from outside is classified:
 * per-token side inputs, gathered with the route's indices on their token axes: RoPE
   tables ``[N, d]`` / ``[B, N, d]`` (or tuples of them), per-token masks and timesteps
   ``[B, N]``, attention masks ``[B, N, N]`` / ``[B, 1, N, N]``, long skips ``[B, N, D]``
-  from before the route, and joint tables ``[T + N, d]`` whose image rows follow another
-  stream's ``T`` rows;
+  from before the route, and joint tables ``[T + N, d]`` / ``[N + T, d]`` holding another
+  stream's ``T`` rows before or after the image rows (the nearest concatenation upstream
+  tells which; text first when none does);
 * everything else (per-sample conditioning, other token streams) passes untouched.
 
 Values computed inside a route and used after it (long skips out of the route) are put
@@ -63,6 +64,7 @@ class SideInput:
     axes: tuple[int, ...]    # token axes; empty = passes untouched
     offset: int = 0          # rows of another stream before the image tokens
     batch_axis: int | None = 0   # None: no batch axis (a table shared by the batch)
+    tail: int = 0            # rows of another stream after the image tokens
 
     @property
     def routed(self) -> bool:
@@ -617,13 +619,37 @@ _VIEWS = {"slice", "select", "view", "reshape", "unsqueeze", "squeeze", "transpo
 # elementwise arithmetic in place (x.div_(d)) moves no rows and is not among them.
 _ROW_WRITES = {f"{name}_" for name in _ROW_PLACING} | {"copy_", "masked_fill_", "fill_",
                                                         "zero_"}
+# Where each of them takes the values it writes (None: a constant).
+_WRITTEN_AT = {"copy_": (1, "src"), "index_put_": (2, "values"), "index_copy_": (3, "source"),
+               "index_add_": (3, "source"), "index_fill_": (3, "value"),
+               "scatter_": (3, "src"), "scatter_add_": (3, "src"),
+               "scatter_reduce_": (3, "src"), "masked_scatter_": (2, "source"),
+               "put_": (2, "source"), "masked_fill_": (2, "value"), "fill_": (1, "value"),
+               "zero_": None}
 
 
-def _refuse_in_place_writes(graph: fx.Graph, upstream: set[fx.Node]) -> None:
+def _written_value(write: fx.Node) -> Any:
+    """The values an in-place write writes (a node, or a constant)."""
+    at = _WRITTEN_AT.get(_op_name(write))
+    if at is None:
+        return None
+    position, keyword = at
+    return write.args[position] if len(write.args) > position else write.kwargs.get(keyword)
+
+
+def _refuse_in_place_writes(graph: fx.Graph, upstream: set[fx.Node], image: set[fx.Node],
+                            kind=None, mixed=None) -> None:
     """An in-place write (``copy_``, ``index_put_``, ``fill_``: what an exported graph keeps
     of ``buf[:, :t] = text``) into a tensor the blocks' input is built from (``upstream``),
-    or into a view of it, changes rows the row analysis follows by data flow alone:
-    refused."""
+    or into a view of it, changes rows the row analysis follows by data flow alone.
+
+    It is allowed when it cannot change which rows are image rows: every row of the
+    tensor is of one kind (``kind(node)``: True image, False other, None mixed or unknown)
+    and the values written are of that kind too (GlmImage zeroes dropped prior rows,
+    ``prior[drop] *= 0``; WanAnimate adds the pose to the frames after the first,
+    ``x[:, :, 1:] = x[:, :, 1:] + pose``); ``mixed(sum_node, operands)`` refuses a written
+    value that adds another input's rows to image rows.  Anything else is refused."""
+    kind = kind or (lambda n: None)
     for node in [n for n in graph.nodes if n in upstream]:
         todo, seen = [node], set()
         while todo:
@@ -636,10 +662,24 @@ def _refuse_in_place_writes(graph: fx.Graph, upstream: set[fx.Node]) -> None:
                 if not user.args or user.args[0] is not n:
                     continue
                 if name in _ROW_WRITES:
+                    target = kind(node)
+                    value = _written_value(user)
+                    written = kind(value) if isinstance(value, fx.Node) else False
+                    if target is not None and written == target and (
+                            mixed is None or not written or mixed(value)):
+                        continue   # rows of one kind written with values of that kind
+                    what = "a constant" if not isinstance(value, fx.Node) else value.name
+                    why = ("its rows are not all of one kind (image rows beside others)"
+                           if target is None else
+                           f"the values written ({what}) mix image and other rows"
+                           if written is None else
+                           f"it holds {'image' if target else 'non-image'} rows and the "
+                           f"write puts {'image' if written else 'non-image'} values "
+                           f"({what}) into some of them")
                     raise TokenAxisError(
                         f"{user.name!r} ({name}) writes in place into {node.name!r}, from "
-                        f"which the blocks' input is built; which of its rows are image "
-                        f"tokens cannot be followed through the write. Pass "
+                        f"which the blocks' input is built, and {why}; which of its rows "
+                        f"are image tokens cannot be followed through the write. Pass "
                         f"prefix_tokens=<count of leading rows to keep> to route(), or use "
                         f"front_end='concrete'")
                 if name in _VIEWS or (user.op == "call_function" and
@@ -697,14 +737,56 @@ def _value_sources(node: fx.Node) -> list[fx.Node]:
     return found
 
 
+# Elementwise ops by which a per-row factor can zero an operand's rows (a mask).
+_GATES = {"mul", "div", "where", "masked_fill"}
+
+
+def _row_gate(value: fx.Node, image_inputs: Sequence[fx.Node], image: set[fx.Node],
+              shapes: Mapping, tokens: int) -> tuple[fx.Node, list] | None:
+    """Where the image rows of ``value`` are multiplied (or replaced) by a factor computed
+    from another forward argument with ``tokens`` rows (Ideogram4's ``x * image_mask``: a
+    mask that chooses which rows hold the image), as ``(node, argument names)``; None when
+    no such gate is on the way from the image input."""
+    todo, seen = [value], set()
+    while todo:
+        n = todo.pop()
+        if n in seen or n not in image:
+            continue
+        seen.add(n)
+        inputs = [i for i in n.all_input_nodes if _reads_values_of(n, i)]
+        if _op_name(n).rstrip("_") in _GATES:
+            for i in inputs:
+                if i in image or not isinstance(shapes.get(i), tuple):
+                    continue
+                others = [p.target for p in _value_sources(i) if p not in image_inputs
+                          and isinstance(shapes.get(p), tuple) and tokens in shapes[p]]
+                if others:
+                    return n, others
+        todo.extend(inputs)
+    return None
+
+
 def _refuse_mixed_rows(node: fx.Node, layouts: Mapping[fx.Node, list[tuple[int, bool]]],
-                       image_inputs: Sequence[fx.Node], shapes: Mapping, tokens: int) -> None:
+                       image_inputs: Sequence[fx.Node], shapes: Mapping, tokens: int,
+                       image: set[fx.Node] | None = None) -> None:
     """A sum of token-aligned values, one with image rows and one whose rows are all
     computed from another forward argument with as many rows (Ideogram4 packs image and
     text tokens in one sequence: ``x * image_mask + text * text_mask``): each row is an
-    image or another token depending on values tread_fx does not read; refused."""
-    if not any(f for layout in layouts.values() for _, f in layout):
+    image or another token depending on values tread_fx does not read; refused.
+
+    With ``image`` (the values computed from the image input), only when the image rows
+    are gated by a factor from another forward argument (:func:`_row_gate`): without one,
+    every row keeps its image values and the other input conditions it row by row
+    (GlmImage adds embedded prior tokens to the image tokens)."""
+    imaged = [v for v, layout in layouts.items() if any(f for _, f in layout)]
+    if not imaged:
         return
+    gate = next((g for g in (_row_gate(v, image_inputs, image, shapes, tokens)
+                             for v in imaged) if g), None) if image is not None else None
+    if image is not None and gate is None:
+        return
+    gated = f" ({gate[0].name!r} multiplies the image rows by values from {gate[1]})" \
+        if gate else ""
     for value, layout in layouts.items():
         if any(f for _, f in layout):
             continue
@@ -715,8 +797,9 @@ def _refuse_mixed_rows(node: fx.Node, layouts: Mapping[fx.Node, list[tuple[int, 
                 f"{node.name!r} ({_op_name(node)}) adds {value.name!r}, computed from the "
                 f"forward argument(s) {others} with {tokens} rows, to rows computed from "
                 f"the image input, row for row: the blocks' stream mixes the image with "
-                f"another input on the same {tokens} rows (image and text tokens packed in "
-                f"one sequence and chosen by masks, x * image_mask + text * text_mask?), so "
+                f"another input on the same {tokens} rows{gated} (image and text tokens "
+                f"packed in one sequence and chosen by masks, x * image_mask + text * "
+                f"text_mask?), so "
                 f"which rows are image tokens depends on input values tread_fx does not "
                 f"read. Routing could drop text rows. Pass prefix_tokens=<count of leading "
                 f"rows to keep> to route() if the image rows always come after that many "
@@ -781,7 +864,17 @@ def fixed_rows(graph: fx.Graph, chain_input: fx.Node, shapes: Mapping | None,
                 f"on input values that tread_fx does not read. Pass prefix_tokens=<count> to "
                 f"route() if the image rows always come after that many other rows")
         elif node.op == "call_function" and node.target is assign_index:
-            result = _one_layout(node, per_sample(node, axis))
+            try:
+                result = _one_layout(node, per_sample(node, axis))
+            except TokenAxisError:
+                # at rows it cannot read (a mask, an index tensor): harmless when the
+                # rows written and the values written are all of one kind
+                base, value = node.args[0], node.args[2]
+                target = kind(base) if isinstance(base, fx.Node) else None
+                written = kind(value) if isinstance(value, fx.Node) else False
+                if target is None or written != target or (written and not mixed(value)):
+                    raise
+                result = [(shape[axis], target)]
         elif source is not None:
             result = rows(*source) or whole
         else:
@@ -789,7 +882,7 @@ def fixed_rows(graph: fx.Graph, chain_input: fx.Node, shapes: Mapping | None,
                        and len(shapes[i]) == rank and shapes[i][axis] == shape[axis]]
             if _op_name(node).rstrip("_") in _SUMS:
                 _refuse_mixed_rows(node, {i: rows(i, axis) or [] for i in aligned},
-                                   image_inputs, shapes, shape[axis])
+                                   image_inputs, shapes, shape[axis], image)
             layouts = {tuple(r) for r in (rows(i, axis) for i in aligned) if r and len(r) > 1}
             stacked = _stacked_rows(node, shapes, image, axis, rank) \
                 if not aligned else None
@@ -835,7 +928,46 @@ def fixed_rows(graph: fx.Graph, chain_input: fx.Node, shapes: Mapping | None,
         return _written_rows(node, before, shapes, image, axis, len(shapes[node]),
                              lambda value: rows(value, axis))
 
-    _refuse_in_place_writes(graph, upstream)
+    def kind(node: fx.Node) -> bool | None:
+        """True when every row of ``node`` is computed from the image input, False when
+        none is; None when an op upstream lays out rows of both kinds side by side (a
+        concatenation, a stack, an indexed write, a ``where``)."""
+        if not isinstance(shapes.get(node), tuple):
+            return None
+        todo, seen = [node], set()
+        while todo:
+            n = todo.pop()
+            if n in seen:
+                continue
+            seen.add(n)
+            sources = [i for i in n.all_input_nodes if _reads_values_of(n, i)
+                       and isinstance(shapes.get(i), tuple) and shapes[i]]
+            name = _op_name(n)
+            lays_out = _cat_dim(n) is not None or name in ("stack", "pad_sequence", "where") \
+                or (n.op == "call_function" and n.target is assign_index) \
+                or name.rstrip("_") in _ROW_PLACING
+            if lays_out and len({i in image for i in sources}) > 1:
+                return None
+            todo.extend(sources)
+        return node in image
+
+    def mixed(value: fx.Node) -> bool:
+        """Refuses a written value that sums another input's rows into image rows (as
+        :func:`_refuse_mixed_rows` does for the stream); True otherwise."""
+        tokens = shapes[chain_input][token_axis]
+        todo, seen = [value], set()
+        while todo:
+            n = todo.pop()
+            if n in seen or n not in image:
+                continue
+            seen.add(n)
+            if _op_name(n).rstrip("_") in _SUMS:
+                _refuse_mixed_rows(n, {i: [(1, i in image)] for i in n.all_input_nodes},
+                                   image_inputs, shapes, tokens, image)
+            todo.extend(n.all_input_nodes)
+        return True
+
+    _refuse_in_place_writes(graph, upstream, image, kind, mixed)
     for node in upstream:
         cond = node.args[0] if _op_name(node) == "where" and len(node.args) == 3 else None
         values = [v for v in node.args[1:] if isinstance(v, fx.Node)] if cond is not None \
@@ -984,7 +1116,8 @@ def plan_routes(graph: fx.Graph, chain: BlockChain, routes: Sequence[Route],
                                       if v is not value and v is not x_in and v not in inside
                                       and isinstance(shapes.get(v), tuple)
                                       and len(shapes[v]) >= 3 and shapes[v][0] == hidden[0]
-                                      and isinstance(shapes[v][1], int)]
+                                      and isinstance(shapes[v][1], int)
+                                      and shapes[v][1] > 1]   # a broadcast axis: no stream
                     name = _base_name(side.arg)
                     key = names[int(name)] if name.isdigit() and int(name) < len(names) \
                         else name
@@ -993,13 +1126,8 @@ def plan_routes(graph: fx.Graph, chain: BlockChain, routes: Sequence[Route],
                                      stream_lengths, key)
                     if side.offset and _image_rows_first(value, shapes, hidden[axes[1]],
                                                          side.offset):
-                        raise TokenAxisError(
-                            f"route {routes.index(route)} ({route}): {side.arg} "
-                            f"({value.name}, shape {shape}) is a joint table of {side.offset} "
-                            f"rows of another stream and {hidden[axes[1]]} token rows, built "
-                            f"with the token rows first ([image, text]); tread_fx gathers "
-                            f"joint tables whose other rows come first ([text, image]) and "
-                            f"would gather the wrong rows. Route blocks that do not take it")
+                        # [image, other]: the other stream's rows follow the token rows
+                        side.offset, side.tail = 0, side.offset
                 seen[value] = side
         plan.side = list(seen.values())
         plan.shared_indices = any(s.routed and not s.batched for s in plan.side)

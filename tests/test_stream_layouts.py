@@ -339,3 +339,113 @@ class Lists(nn.Module):
 def test_module_lists_are_containers_not_blocks():
     routed = tread_fx.route(Lists(), "-2:-1@0.5", example_inputs=(_x(),))
     assert len(routed.block_chain) == 8 and routed.block_chain[-1] == "out_blocks.1"
+
+
+class Prior(nn.Module):
+    """GlmImage: embedded prior tokens, one per image token, some zeroed in place
+    (``prior[drop] *= 0``), added to the image tokens."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.prior = nn.Linear(4, D), nn.Embedding(64, D)
+        self.prior_proj = nn.Linear(D, D)
+        self.blocks = nn.ModuleList(Block() for _ in range(4))
+
+    def forward(self, x, prior_token_id, prior_token_drop):
+        prior = self.prior(prior_token_id)
+        prior[prior_token_drop] *= 0.0
+        h = self.embed(x) + self.prior_proj(prior)
+        for b in self.blocks:
+            h = b(h)
+        return h
+
+
+class Posed(nn.Module):
+    """WanAnimate: a pose added in place to the frames after the first of the patch
+    embedding (``x[:, :, 1:] = x[:, :, 1:] + pose``); ``zero_first``: the first frame zeroed
+    in place instead (constant rows written into image rows)."""
+
+    def __init__(self, zero_first=False):
+        super().__init__()
+        self.zero_first = zero_first
+        self.patch = nn.Conv3d(4, D, (1, 2, 2), (1, 2, 2))
+        self.pose_patch = nn.Conv3d(4, D, (1, 2, 2), (1, 2, 2))
+        self.blocks = nn.ModuleList(Block() for _ in range(4))
+
+    def forward(self, hidden_states, pose_hidden_states):
+        h = self.patch(hidden_states)
+        if self.zero_first:
+            h[:, :, 0] = 0.0
+        else:
+            h[:, :, 1:] = h[:, :, 1:] + self.pose_patch(pose_hidden_states)
+        h = h.flatten(2).transpose(1, 2)
+        for b in self.blocks:
+            h = b(h)
+        return h
+
+
+def _posed_inputs():
+    torch.manual_seed(1)
+    return torch.randn(2, 4, 3, 4, 6), torch.randn(2, 4, 2, 4, 6)
+
+
+@pytest.mark.parametrize("front_end", ["export", "concrete"])
+def test_in_place_writes_that_keep_the_rows_image_rows_verify(front_end):
+    """A write into a tensor whose rows are all image rows, of values that are image rows
+    too, moves no image row among other rows: routed, every row routable."""
+    torch.manual_seed(0)
+    prior = (_x(), torch.randint(0, 64, (2, N)), torch.tensor([True, False]))
+    for model, inputs in ((Prior(), prior), (Posed(), _posed_inputs())):
+        routed = tread_fx.route(model, "1:2@0.5", example_inputs=inputs, front_end=front_end)
+        assert routed.selectors[0].fixed == (0, 0)
+        _verified(model, "1:2@0.5", inputs, front_end=front_end)
+
+
+def test_a_constant_written_in_place_into_image_rows_is_refused():
+    with pytest.raises(tread_fx.TokenAxisError,
+                       match=r"(copy_|fill_).*writes in place into 'conv3d'.*holds image rows "
+                             r"and the write puts non-image values"):
+        tread_fx.route(Posed(zero_first=True), "1:2@0.5", example_inputs=_posed_inputs(),
+                       front_end="export")
+
+
+class TextBlock(nn.Module):
+    """A double-stream block: attention over [image, text], with a [B, 1, 1, N + T] mask."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.out = nn.Linear(D, 3 * D), nn.Linear(D, D)
+
+    def forward(self, hidden_states, encoder_hidden_states, attention_mask):
+        n = hidden_states.shape[1]
+        q, k, v = self.qkv(torch.cat([hidden_states, encoder_hidden_states], 1)).chunk(3, -1)
+        o = self.out(F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None],
+                                                    attn_mask=attention_mask)[:, 0])
+        return hidden_states + o[:, :n], encoder_hidden_states + o[:, n:]
+
+
+class OneLonger(nn.Module):
+    """HunyuanVideoFramepack: a text stream one row longer than the image stream, beside a
+    mask with a broadcast axis of length 1 (not a stream of one row)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.text = nn.Linear(4, D), nn.Linear(6, D)
+        self.blocks = nn.ModuleList(TextBlock() for _ in range(4))
+
+    def forward(self, x, text):
+        h, e = self.embed(x), self.text(text)
+        mask = torch.ones(x.shape[0], 1, 1, h.shape[1] + e.shape[1], dtype=torch.bool)
+        for b in self.blocks:
+            h, e = b(h, e, mask)
+        return h
+
+
+def test_a_text_stream_one_row_longer_is_not_a_joint_table():
+    torch.manual_seed(0)
+    model, inputs = OneLonger(), (_x(), torch.randn(2, N + 1, 6))
+    routed = tread_fx.route(model, "1:2@0.5", example_inputs=inputs)
+    gathered = [n.meta["tread"]["arg"] for n in routed.graph.nodes
+                if n.name.startswith("tread_side")]
+    assert gathered == ["blocks.1:2"]   # the mask; the text stream passes untouched
+    _verified(model, "1:2@0.5", inputs)

@@ -1,7 +1,7 @@
 """Streams whose image rows the row analysis must find, or refuse: the patterns of the two
 diffusers classes tread_fx.verify once caught routed wrongly (Ideogram4: image and text rows
 packed in one sequence and chosen by masks; HiDream: image tokens padded to a maximum
-resolution, with a joint RoPE table whose image rows come first)."""
+resolution, with a joint RoPE table whose image rows come first, now gathered)."""
 
 import pytest
 import torch
@@ -85,16 +85,27 @@ def test_a_per_sample_vector_added_to_every_row_is_not_a_mix():
     assert tread_fx.verify(model, "1:2@0.5", inputs).ok
 
 
+class MaskedKeyBlock(Block):
+    """HiDream's attention: the keys of the padding rows multiplied by their zero mask."""
+
+    def forward(self, hidden_states, hidden_states_masks):
+        q, k, v = self.qkv(hidden_states).chunk(3, dim=-1)
+        k = k * hidden_states_masks[..., None]
+        h = hidden_states + self.out(F.scaled_dot_product_attention(q, k, v))
+        return h + self.mlp(h)
+
+
 class Padded(nn.Module):
     """HiDream: the image's patches written into a buffer of the maximum token count,
     ``[B, C, max_tokens, p*p]``, then permuted and reshaped into the stream: the rows after
-    the image's patches are padding."""
+    the image's patches are padding (``masked_keys``: their keys zeroed by a mask)."""
 
-    def __init__(self, max_tokens=32, p=2, c=4):
+    def __init__(self, max_tokens=32, p=2, c=4, masked_keys=False):
         super().__init__()
-        self.max_tokens, self.p = max_tokens, p
+        self.max_tokens, self.p, self.masked_keys = max_tokens, p, masked_keys
         self.embed = nn.Linear(c * p * p, D)
-        self.blocks = nn.ModuleList(Block() for _ in range(4))
+        self.blocks = nn.ModuleList((MaskedKeyBlock if masked_keys else Block)()
+                                    for _ in range(4))
 
     def forward(self, x):
         b, c, height, width = x.shape
@@ -103,8 +114,10 @@ class Padded(nn.Module):
         buf = torch.zeros(b, c, self.max_tokens, p * p)
         buf[:, :, :n] = patches.reshape(b, c, n, p * p)
         h = self.embed(buf.permute(0, 2, 3, 1).reshape(b, self.max_tokens, p * p * c))
+        masks = torch.zeros(b, self.max_tokens)
+        masks[:, :n] = 1.0
         for blk in self.blocks:
-            h = blk(h)
+            h = blk(h, masks) if self.masked_keys else blk(h)
         return h[:, :n]
 
 
@@ -116,6 +129,16 @@ def test_padding_rows_after_the_image_patches_are_never_routed():
     report = tread_fx.verify(model, "1:2@0.5", inputs, front_end="concrete")
     assert report.ok, str(report)
     assert report.routes[0].kept == 32 - 6
+
+
+def test_padding_rows_with_zeroed_keys_verify():
+    """The reference finds where the tokens sit among the keys by changing tokens the route
+    drops, not the last row: a padding row's key is zero whatever the row holds."""
+    torch.manual_seed(0)
+    model, inputs = Padded(masked_keys=True), (torch.randn(2, 4, 6, 8),)
+    report = tread_fx.verify(model, "1:2@0.5", inputs, front_end="concrete")
+    assert report.ok, str(report)
+    assert report.routes[0].never_routed == (0, 20)
 
 
 class JointBlock(nn.Module):
@@ -160,10 +183,16 @@ def _joint_inputs():
         torch.randn(2, T, 2)
 
 
-def test_a_joint_table_with_the_image_rows_first_is_refused():
-    with pytest.raises(tread_fx.TokenAxisError, match=r"blocks\.1:2 .*built with the token "
-                                                      r"rows first"):
-        tread_fx.route(Joint("image_first"), "1:2@0.5", example_inputs=_joint_inputs())
+def test_a_joint_table_with_the_image_rows_first_verifies():
+    """HiDream's ``cat([img_ids, txt_ids])``: the other stream's rows after the token rows
+    are kept, the token rows gathered (not the rows of a [text, image] table)."""
+    torch.manual_seed(0)
+    model = Joint("image_first")
+    routed = tread_fx.route(model, "1:2@0.5", example_inputs=_joint_inputs())
+    side = [n for n in routed.graph.nodes if n.name.startswith("tread_side")]
+    assert [(n.meta["tread"]["offset"], n.meta["tread"]["tail"]) for n in side] == [(0, T)]
+    report = tread_fx.verify(model, "1:2@0.5", _joint_inputs())
+    assert report.ok, str(report)
 
 
 def test_a_joint_table_with_the_text_rows_first_verifies():

@@ -9,7 +9,8 @@ must return, without any of tread_fx's graph passes or runtime nodes:
   so that no query attends to a dropped key.  Where the block's tokens sit in each
   attention's key sequence is measured (``joint="auto"``, the default): the block is run
   three more times (no grad, same random state, every attention call returning zeros so
-  that attention mixes no tokens) with one token of its hidden input changed, and the key
+  that attention mixes no tokens) with one token of its hidden input changed (the last and
+  the first token the route drops: tokens whose keys are hidden), and the key
   rows that change locate the tokens (offset 0 for a self-attention
   over the tokens, ``T`` when another stream's ``T`` tokens come first, none for an
   attention whose keys do not come from the tokens); a key row that depends on several
@@ -119,23 +120,24 @@ def _changed_rows(a: torch.Tensor, b: torch.Tensor) -> set[int]:
 
 
 def _key_offsets(block: nn.Module, args: tuple, kwargs: dict, probe: list, name: str,
-                 axis: int = 1) -> list[int | None]:
+                 axis: int = 1, rows: tuple[int, int] | None = None) -> list[int | None]:
     """Per attention call of ``block``: where its input tokens sit among the keys.
 
-    Runs the block on its real input and on two copies with one token changed (the last,
-    then the first), recording every attention call's keys (``probe`` collects them; the
-    attention calls return zeros meanwhile, so attention mixes no tokens and the rows stay
-    aligned), and reads which key rows changed.  ``None``: the call's keys do not come
-    from the tokens.
+    Runs the block on its real input and on two copies with one token changed (``rows``:
+    a later, then an earlier token; default the last and the first), recording every
+    attention call's keys (``probe`` collects them; the attention calls return zeros
+    meanwhile, so attention mixes no tokens and the rows stay aligned), and reads which
+    key rows changed.  ``None``: the call's keys do not come from the tokens.
     """
     key = _hidden_key(args, kwargs)
     x = _hidden_of(args, kwargs)
     n = x.shape[axis]
+    late, early = rows if rows is not None else (n - 1, 0)
     runs = []
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad(), torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):
         state = torch.random.get_rng_state()
-        for j in (None, n - 1, 0):
+        for j in (None, late, early):
             torch.random.set_rng_state(state)
             probe.clear()
             xj = x.detach().clone()
@@ -157,15 +159,26 @@ def _key_offsets(block: nn.Module, args: tuple, kwargs: dict, probe: list, name:
         if not rows1 and not rows2:
             offsets.append(None)
             continue
-        if len(rows1) == 1 and len(rows2) == 1 and next(iter(rows1)) - (n - 1) == next(iter(rows2)):
-            offsets.append(next(iter(rows2)))
+        if len(rows1) == 1 and len(rows2) == 1 and \
+                next(iter(rows1)) - late == next(iter(rows2)) - early:
+            offsets.append(next(iter(rows2)) - early)
             continue
         raise RuntimeError(
-            f"{name}: attention call {c}: changing token {n - 1} of the block's input "
-            f"changed key rows {sorted(rows1)[:8]}, token 0 changed {sorted(rows2)[:8]}; the "
+            f"{name}: attention call {c}: changing token {late} of the block's input "
+            f"changed key rows {sorted(rows1)[:8]}, token {early} changed "
+            f"{sorted(rows2)[:8]}; the "
             f"block mixes tokens before this attention (a convolution over the grid?), so "
             f"masking keys cannot reproduce the routed computation: cannot verify")
     return offsets
+
+
+def _probe_rows(keep: torch.Tensor) -> tuple[int, int] | None:
+    """The tokens to change when probing a routed block's keys: the last and the first
+    token the route drops in some sample (tokens whose keys the mask must hide; a padding
+    row, never dropped, may have a zeroed key), or None (the last and the first token)
+    when it drops fewer than two."""
+    dropped = torch.nonzero((~keep).any(dim=0)).flatten().tolist()
+    return (dropped[-1], dropped[0]) if len(dropped) >= 2 else None
 
 
 def _check_routes(routes: Sequence[tuple[int, int]], indices: Sequence[torch.Tensor],
@@ -302,7 +315,7 @@ def masked_reference(model: nn.Module, inputs: Any, blocks: Sequence[nn.Module],
                 try:
                     state["offsets"] = _key_offsets(module, args, kwargs, state["probe"],
                                                     f"block {i} ({type(module).__name__})",
-                                                    axes[r])
+                                                    axes[r], _probe_rows(masks[r]))
                 finally:
                     state["probe"] = None
             state["keep"], state["calls"], state["masked"] = masks[r], 0, 0

@@ -176,19 +176,34 @@ def scatter_tokens(
     return _restore(full.scatter(1, _expand_index(indices, kept), kept), axes)
 
 
+def _joint_indices(indices: torch.Tensor, offset: int, tail: int, length) -> torch.Tensor:
+    """The route's ``[B, kept]`` token indices as rows of a joint table of ``length`` rows:
+    its first ``offset`` and last ``tail`` rows (another stream's) kept, the token rows
+    between them shifted by ``offset``."""
+    batch, parts = indices.shape[0], []
+    if offset:
+        parts.append(torch.arange(offset, device=indices.device).expand(batch, offset))
+    parts.append(indices + offset if offset else indices)
+    if tail:
+        parts.append(torch.arange(length - tail, length, device=indices.device)
+                     .expand(batch, tail))
+    return torch.cat(parts, dim=1)
+
+
 def gather_side(value: torch.Tensor, indices: torch.Tensor | None, axes: tuple[int, ...],
-                offset: int = 0, batch_axis: int | None = 0) -> torch.Tensor:
+                offset: int = 0, batch_axis: int | None = 0, tail: int = 0) -> torch.Tensor:
     """Gather a per-token side input on each of its token ``axes`` with the route's indices.
 
-    ``offset`` rows of another stream (text tokens of a joint RoPE table) come first and
-    are all kept.  A table without batch axis (``batch_axis=None``) uses the first sample's
+    A joint table holds the rows of another stream beside the token rows, all kept:
+    ``offset`` of them before the token rows (``[text, image]``: Flux's RoPE table) and
+    ``tail`` after them (``[image, text]``: HiDream's RoPE ids, NucleusMoE's attention
+    mask).  A table without batch axis (``batch_axis=None``) uses the first sample's
     indices (the selector draws one index set for the whole batch in that case).
     """
     if indices is None:
         return value
-    if offset:
-        head = torch.arange(offset, device=indices.device).expand(indices.shape[0], offset)
-        indices = torch.cat([head, indices + offset], dim=1)
+    if offset or tail:
+        indices = _joint_indices(indices, offset, tail, value.shape[axes[0]])
     for axis in axes:
         if batch_axis is None:
             value = value.index_select(axis, indices[0])
