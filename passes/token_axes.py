@@ -1097,6 +1097,9 @@ def plan_routes(graph: fx.Graph, chain: BlockChain, routes: Sequence[Route],
                 side = SideInput(value, f"{where}:{arg}", ())
                 found, axis = _annotation(side, annotations, names, used) if is_block \
                     else (False, None)
+                layout = axis if found and axis in JOINT_LAYOUTS else None
+                if layout is not None:   # a joint table's row order, said by the user
+                    found, axis = False, None
                 shape = shapes.get(value) if shapes else None
                 batch_axes = _changed_axes(shape, observed.get(arg)) if shape else None
                 if found:
@@ -1124,10 +1127,23 @@ def plan_routes(graph: fx.Graph, chain: BlockChain, routes: Sequence[Route],
                     side = _classify(side, shape, batch_axes, hidden[axes[0]],
                                      hidden[axes[1]], hidden[-1] if len(hidden) > 2 else None,
                                      stream_lengths, key)
-                    if side.offset and _image_rows_first(value, shapes, hidden[axes[1]],
-                                                         side.offset):
-                        # [image, other]: the other stream's rows follow the token rows
-                        side.offset, side.tail = 0, side.offset
+                    if side.offset:
+                        first = _image_rows_first(value, shapes, hidden[axes[1]], side.offset)
+                        if layout is not None:
+                            first = layout == "tokens_first"
+                        if first is None:
+                            raise TokenAxisError(
+                                f"route {routes.index(route)} ({route}): {side.arg} "
+                                f"({value.name}, shape {shape}) is a joint table of "
+                                f"{side.offset} rows of another stream and {hidden[axes[1]]} "
+                                f"token rows, and no concatenation upstream shows which come "
+                                f"first (it is built another way: a mask filled by position?); "
+                                f"gathering the wrong rows would be silently wrong. Say so "
+                                f"with token_inputs={{{_base_name(side.arg)!r}: "
+                                f"'tokens_first'}} ([image, other]) or 'tokens_last' "
+                                f"([other, image])")
+                        if first:   # [image, other]: the other stream's rows follow
+                            side.offset, side.tail = 0, side.offset
                 seen[value] = side
         plan.side = list(seen.values())
         plan.shared_indices = any(s.routed and not s.batched for s in plan.side)
@@ -1161,10 +1177,15 @@ def plan_routes(graph: fx.Graph, chain: BlockChain, routes: Sequence[Route],
     return plans
 
 
-def _image_rows_first(table: fx.Node, shapes: Mapping, tokens: int, other: int) -> bool:
+#: ``token_inputs`` values that give a joint table's row order instead of an axis.
+JOINT_LAYOUTS = ("tokens_first", "tokens_last")
+
+
+def _image_rows_first(table: fx.Node, shapes: Mapping, tokens: int,
+                      other: int) -> bool | None:
     """Whether a joint table of ``other + tokens`` rows is built by a concatenation with the
-    ``tokens`` rows first (HiDream: ``cat([img_ids, txt_ids])``), the nearest such
-    concatenation upstream deciding; False when none says so."""
+    ``tokens`` rows first (HiDream: ``cat([img_ids, txt_ids])``) or last (Flux), the nearest
+    such concatenation upstream deciding; None when none says (the caller refuses)."""
     todo, seen = [table], set()
     while todo:
         node = todo.pop(0)
@@ -1180,7 +1201,7 @@ def _image_rows_first(table: fx.Node, shapes: Mapping, tokens: int, other: int) 
             if sizes in ([tokens, other], [other, tokens]):
                 return sizes[0] == tokens
         todo.extend(node.all_input_nodes)
-    return False
+    return None
 
 
 def _refuse_token_counts(span: Sequence[fx.Node], shapes: Mapping, root, annotations: Mapping,

@@ -200,3 +200,63 @@ def test_a_joint_table_with_the_text_rows_first_verifies():
     model = Joint("text_first")
     report = tread_fx.verify(model, "1:2@0.5", _joint_inputs())
     assert report.ok, str(report)
+
+
+class MaskBlock(nn.Module):
+    """Joint attention over ``[image, text]`` with a key mask of both."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.out = nn.Linear(D, 3 * D), nn.Linear(D, D)
+
+    def forward(self, hidden_states, text, mask):
+        n = hidden_states.shape[1]
+        q, k, v = self.qkv(torch.cat([hidden_states, text], dim=1)).chunk(3, dim=-1)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, :])
+        return hidden_states + self.out(o[:, :n])
+
+
+class PositionMask(nn.Module):
+    """HunyuanVideo: the joint mask is filled by position (image rows, then the text's valid
+    rows), with no concatenation that shows the row order."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.text = nn.Linear(4, D), nn.Linear(6, D)
+        self.blocks = nn.ModuleList(MaskBlock() for _ in range(4))
+
+    def forward(self, x, text, text_mask):
+        h, e = self.embed(x), self.text(text)
+        valid = h.shape[1] + text_mask.sum(dim=1, keepdim=True)
+        mask = torch.arange(h.shape[1] + e.shape[1]) < valid
+        for b in self.blocks:
+            h = b(h, e, mask)
+        return h
+
+
+def _padded_inputs():
+    torch.manual_seed(1)
+    text_mask = torch.ones(2, T)
+    text_mask[1, 3:] = 0          # the second caption is two tokens shorter
+    return torch.randn(2, N, 4), torch.randn(2, T, 6), text_mask
+
+
+def test_a_joint_mask_of_undecided_row_order_is_refused_until_the_user_says_it():
+    torch.manual_seed(0)
+    model = PositionMask()
+    with pytest.raises(tread_fx.TokenAxisError, match="no concatenation upstream shows which"):
+        tread_fx.route(model, "1:2@0.5", example_inputs=_padded_inputs())
+    said = tread_fx.verify(model, "1:2@0.5", _padded_inputs(),
+                           token_inputs={"mask": "tokens_first"})
+    assert said.ok, str(said)
+    # the other order gathers the wrong mask rows, and verify sees it
+    wrong = tread_fx.verify(model, "1:2@0.5", _padded_inputs(),
+                            token_inputs={"mask": "tokens_last"})
+    assert not wrong.ok
+
+
+def test_explain_names_the_trailing_rows_of_an_image_first_table():
+    torch.manual_seed(0)
+    routed = tread_fx.route(Joint("image_first"), "1:2@0.5", example_inputs=_joint_inputs())
+    text = str(tread_fx.explain(routed))
+    assert f"{T} trailing rows of another stream kept" in text

@@ -154,8 +154,10 @@ def build_case(zoo, case: dict) -> tuple[Any, Any, dict[str, Any]]:
 
     model, inputs = zoo.build(case)
     perturb_(model)
-    return model, inputs, ({"hidden": case["hidden"]} if case.get("hidden") is not None
-                           else {})
+    # what a user would tell route() about this model (the stream argument, a joint
+    # table's row order)
+    return model, inputs, {k: case[k] for k in ("hidden", "token_inputs")
+                           if case.get(k) is not None}
 
 
 def measure(zoo, case: dict, front_end: str,

@@ -209,7 +209,7 @@ def _route_graphs(model: nn.Module, spec: RouteSpec, traced: Traced, chain: Bloc
                     selector.shared = meta["shared"]
             if spec.fp32_after_route:
                 fp32_after_routes(g, chain, spec.routes)
-            traced.shape_dependent |= any(p.fixed != (0, 0) or any(s.offset for s in p.side)
+            traced.shape_dependent |= any(p.fixed != (0, 0) or any(s.offset or s.tail for s in p.side)
                                           for p in plans)
         guards = value_guards(g, traced.conversions.get(mode, ()))
         built[mode] = (g, args, inside, shapes, guards)

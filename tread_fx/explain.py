@@ -73,6 +73,7 @@ class SideInput:
     argument: str | int | None  # the block argument it feeds
     axes: tuple[int, ...]       # its token axes
     offset: int                 # rows of another stream in front (joint tables), all kept
+    tail: int = 0               # rows of another stream behind the tokens, all kept
 
 
 @dataclass(frozen=True)
@@ -263,6 +264,7 @@ def _route_lines(r: RouteInfo) -> list[str]:
         lines.append("  side inputs gathered:")
         for s in r.side_inputs:
             offset = f", {s.offset} leading rows of another stream kept" if s.offset else ""
+            offset += f", {s.tail} trailing rows of another stream kept" if s.tail else ""
             lines.append(f"    {s.node}: {s.value} -> argument {s.argument!r} "
                          f"(token axes {s.axes}{offset})")
     else:
@@ -547,7 +549,8 @@ def _route_infos(routed: TreadGraphModule) -> list[RouteInfo]:
         side = tuple(SideInput(n.name, getattr(n.args[0], "name", str(n.args[0])),
                                n.meta[TREAD_META].get("arg"),
                                tuple(n.meta[TREAD_META].get("axes", ())),
-                               n.meta[TREAD_META].get("offset", 0))
+                               n.meta[TREAD_META].get("offset", 0),
+                               n.meta[TREAD_META].get("tail", 0))
                      for n in nodes if role[n] == "side")
         infos.append(RouteInfo(
             index=selector.index, route=selector.route, blocks=tuple(selector.blocks),
