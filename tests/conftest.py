@@ -15,6 +15,21 @@ from tread_fx.tools.zoo import perturb_  # noqa: F401  (used by the tests too)
 torch.set_num_threads(int(os.environ.get("TREAD_FX_TEST_THREADS", "1")))
 
 
+class AttentionBlock(nn.Module):
+    """A pre-norm-free transformer block written as people write them: attention through
+    ``scaled_dot_product_attention``, then an MLP, each with a residual."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.qkv, self.out = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+
+    def forward(self, hidden_states):
+        q, k, v = self.qkv(hidden_states).chunk(3, dim=-1)
+        h = hidden_states + self.out(torch.nn.functional.scaled_dot_product_attention(q, k, v))
+        return h + self.mlp(h)
+
+
 def tiny_dit(depth: int = 6, hidden: int = 32, heads: int = 2, input_size: int = 8,
              patch: int = 2, num_classes: int = 10, class_dropout_prob: float = 0.1,
              seed: int = 0) -> DiT:

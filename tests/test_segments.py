@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import tread_fx
+from conftest import AttentionBlock
 from tread_fx.verify import verify
 
 D, N, T = 16, 12, 5
@@ -30,25 +31,13 @@ class Double(nn.Module):
         return (encoder_hidden_states + self.out_txt(ot), hidden_states + self.out_img(oi))
 
 
-class Single(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.qkv, self.out = nn.Linear(D, 3 * D), nn.Linear(D, D)
-        self.mlp = nn.Sequential(nn.Linear(D, 2 * D), nn.GELU(), nn.Linear(2 * D, D))
-
-    def forward(self, hidden_states):
-        q, k, v = self.qkv(hidden_states).chunk(3, dim=-1)
-        h = hidden_states + self.out(F.scaled_dot_product_attention(q, k, v))
-        return h + self.mlp(h)
-
-
 class FluxLike(nn.Module):
     def __init__(self, refiner=False):
         super().__init__()
         self.embed, self.text = nn.Linear(4, D), nn.Linear(6, D)
-        self.context_refiner = nn.ModuleList(Single() for _ in range(2)) if refiner else None
+        self.context_refiner = nn.ModuleList(AttentionBlock(D) for _ in range(2)) if refiner else None
         self.transformer_blocks = nn.ModuleList(Double() for _ in range(3))
-        self.single_transformer_blocks = nn.ModuleList(Single() for _ in range(3))
+        self.single_transformer_blocks = nn.ModuleList(AttentionBlock(D) for _ in range(3))
         self.proj_out = nn.Linear(D, 4)
 
     def forward(self, x, context, rope):

@@ -9,20 +9,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import tread_fx
+from conftest import AttentionBlock
 
 D, N, T = 16, 12, 5
-
-
-class Block(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.qkv, self.out = nn.Linear(D, 3 * D), nn.Linear(D, D)
-        self.mlp = nn.Sequential(nn.Linear(D, 2 * D), nn.GELU(), nn.Linear(2 * D, D))
-
-    def forward(self, hidden_states):
-        q, k, v = self.qkv(hidden_states).chunk(3, dim=-1)
-        h = hidden_states + self.out(F.scaled_dot_product_attention(q, k, v))
-        return h + self.mlp(h)
 
 
 class Packed(nn.Module):
@@ -34,7 +23,7 @@ class Packed(nn.Module):
         super().__init__()
         self.conditioned = conditioned
         self.embed, self.text = nn.Linear(4, D), nn.Linear(6, D)
-        self.blocks = nn.ModuleList(Block() for _ in range(4))
+        self.blocks = nn.ModuleList(AttentionBlock(D) for _ in range(4))
 
     def forward(self, x, text, indicator):
         if self.conditioned:   # text: [B, 6], one vector per sample
@@ -85,7 +74,7 @@ def test_a_per_sample_vector_added_to_every_row_is_not_a_mix():
     assert tread_fx.verify(model, "1:2@0.5", inputs).ok
 
 
-class MaskedKeyBlock(Block):
+class MaskedKeyBlock(AttentionBlock):
     """HiDream's attention: the keys of the padding rows multiplied by their zero mask."""
 
     def forward(self, hidden_states, hidden_states_masks):
@@ -104,7 +93,7 @@ class Padded(nn.Module):
         super().__init__()
         self.max_tokens, self.p, self.masked_keys = max_tokens, p, masked_keys
         self.embed = nn.Linear(c * p * p, D)
-        self.blocks = nn.ModuleList((MaskedKeyBlock if masked_keys else Block)()
+        self.blocks = nn.ModuleList((MaskedKeyBlock if masked_keys else AttentionBlock)(D)
                                     for _ in range(4))
 
     def forward(self, x):
