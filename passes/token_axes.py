@@ -1200,8 +1200,30 @@ def _image_rows_first(table: fx.Node, shapes: Mapping, tokens: int,
                 sizes = []
             if sizes in ([tokens, other], [other, tokens]):
                 return sizes[0] == tokens
+        pads = _last_axis_pads(node, shapes)
+        if pads is not None and tokens != other:
+            before, after = pads
+            size = shapes.get(node.args[0]) if isinstance(node.args[0], fx.Node) else None
+            if isinstance(size, tuple) and size and size[-1] == other and \
+                    sorted((before, after)) == [0, tokens]:
+                return before == tokens   # rows padded in front of the other stream's
         todo.extend(node.all_input_nodes)
     return None
+
+
+def _last_axis_pads(node: fx.Node, shapes: Mapping) -> tuple[int, int] | None:
+    """``(before, after)`` rows a constant pad adds on the last axis (``F.pad(mask,
+    (n, 0), value=True)``: a concatenation with a constant block); None for other nodes.
+    Traced sizes (``h.shape[1]``) are read from ``shapes``."""
+    if _op_name(node) not in ("pad", "constant_pad_nd") or len(node.args) < 2 or \
+            not isinstance(node.args[1], (list, tuple)):
+        return None
+    pads = [shapes.get(p) if isinstance(p, fx.Node) else p for p in node.args[1]]
+    if not (isinstance(pads, (list, tuple)) and len(pads) >= 2 and
+            all(isinstance(p, int) for p in pads[:2]) and not any(pads[2:])):
+        return None
+    mode = node.kwargs.get("mode", node.args[2] if len(node.args) > 2 else "constant")
+    return (pads[0], pads[1]) if mode == "constant" else None
 
 
 def _refuse_token_counts(span: Sequence[fx.Node], shapes: Mapping, root, annotations: Mapping,

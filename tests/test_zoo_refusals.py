@@ -249,3 +249,25 @@ def test_explain_names_the_trailing_rows_of_an_image_first_table():
     routed = tread_fx.route(Joint("image_first"), "1:2@0.5", example_inputs=_joint_inputs())
     text = str(tread_fx.explain(routed))
     assert f"{T} trailing rows of another stream kept" in text
+
+
+class PaddedMask(PositionMask):
+    """HunyuanImage: the joint mask is the text mask padded in front with the image rows
+    (``F.pad(text_mask, (n, 0), value=True)``), a concatenation with a constant block."""
+
+    def forward(self, x, text, text_mask):
+        h, e = self.embed(x), self.text(text)
+        mask = F.pad(text_mask.bool(), (h.shape[1], 0), value=True)
+        for b in self.blocks:
+            h = b(h, e, mask)
+        return h
+
+
+def test_a_joint_mask_padded_in_front_with_the_image_rows_verifies():
+    torch.manual_seed(0)
+    model = PaddedMask()
+    routed = tread_fx.route(model, "1:2@0.5", example_inputs=_padded_inputs())
+    side = [n for n in routed.graph.nodes if n.name.startswith("tread_side")]
+    assert [(n.meta["tread"]["offset"], n.meta["tread"]["tail"]) for n in side] == [(0, T)]
+    report = tread_fx.verify(model, "1:2@0.5", _padded_inputs())
+    assert report.ok, str(report)
