@@ -444,8 +444,10 @@ class OneLonger(nn.Module):
 def test_a_text_stream_one_row_longer_is_not_a_joint_table():
     torch.manual_seed(0)
     model, inputs = OneLonger(), (_x(), torch.randn(2, N + 1, 6))
-    routed = tread_fx.route(model, "1:2@0.5", example_inputs=inputs)
+    # the mask is filled by position (no concatenation shows its row order): say it
+    order = {"attention_mask": "tokens_first"}
+    routed = tread_fx.route(model, "1:2@0.5", example_inputs=inputs, token_inputs=order)
     gathered = [n.meta["tread"]["arg"] for n in routed.graph.nodes
                 if n.name.startswith("tread_side")]
     assert gathered == ["blocks.1:2"]   # the mask; the text stream passes untouched
-    _verified(model, "1:2@0.5", inputs)
+    _verified(model, "1:2@0.5", inputs, token_inputs=order)
