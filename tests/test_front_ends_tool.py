@@ -57,3 +57,14 @@ def test_front_ends_tool_on_a_small_zoo(tmp_path, capsys):
     assert "yes" in cells[5] and "yes" in cells[6]      # eval and ratio-0 equal (concrete)
     row = next(line for line in text.splitlines() if line.startswith("| NoBlocks"))
     assert "NoBlocksFound" in row
+
+
+def test_a_case_passes_what_a_user_would_tell_route(tmp_path):
+    """A zoo case's ``blocks``, ``hidden`` and ``token_inputs`` reach route() as options."""
+    zoo = tmp_path / "zoo.py"
+    zoo.write_text(ZOO)
+    module = front_ends.load_zoo(zoo)
+    case = {"name": "ValueBranch", "cls": "ValueBranch", "init": {}, "blocks": "blocks",
+            "token_inputs": {"x": 1}, "notes": ["not an option"]}
+    _, _, options = front_ends.build_case(module, case)
+    assert options == {"blocks": "blocks", "token_inputs": {"x": 1}}

@@ -154,9 +154,9 @@ def build_case(zoo, case: dict) -> tuple[Any, Any, dict[str, Any]]:
 
     model, inputs = zoo.build(case)
     perturb_(model)
-    # what a user would tell route() about this model (the stream argument, a joint
-    # table's row order)
-    return model, inputs, {k: case[k] for k in ("hidden", "token_inputs")
+    # what a user would tell route() about this model (the block container, the stream
+    # argument, a joint table's row order)
+    return model, inputs, {k: case[k] for k in ("blocks", "hidden", "token_inputs")
                            if case.get(k) is not None}
 
 
