@@ -34,7 +34,7 @@ import inspect
 import math
 import operator
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import networkx as nx
 import torch
@@ -438,6 +438,18 @@ def _is_metadata(node: fx.Node) -> bool:
     return False
 
 
+def _walk(start: Sequence[fx.Node], step) -> Iterator[fx.Node]:
+    """Each node reachable from ``start`` through ``step(node)`` (the nodes to go on to),
+    once, depth first; ``step`` runs only for the nodes the caller takes."""
+    todo, seen = list(start), set()
+    while todo:
+        node = todo.pop()
+        if node not in seen:
+            seen.add(node)
+            yield node
+            todo.extend(step(node))
+
+
 def _value_descendants(sources: Sequence[fx.Node]) -> set[fx.Node]:
     """Nodes whose values are computed from ``sources``' values (metadata reads cut)."""
     seen, todo = set(sources), list(sources)
@@ -650,17 +662,18 @@ def _refuse_in_place_writes(graph: fx.Graph, upstream: set[fx.Node], image: set[
     ``x[:, :, 1:] = x[:, :, 1:] + pose``); ``mixed(sum_node, operands)`` refuses a written
     value that adds another input's rows to image rows.  Anything else is refused."""
     kind = kind or (lambda n: None)
+
+    def uses(n: fx.Node) -> list[fx.Node]:   # the users that take ``n`` as their tensor
+        return [u for u in n.users if u.args and u.args[0] is n]
+
+    def views(n: fx.Node) -> list[fx.Node]:
+        return [u for u in uses(n) if _op_name(u) in _VIEWS or (
+            u.op == "call_function" and u.target is operator.getitem)]
+
     for node in [n for n in graph.nodes if n in upstream]:
-        todo, seen = [node], set()
-        while todo:
-            n = todo.pop()
-            if n in seen:
-                continue
-            seen.add(n)
-            for user in n.users:
+        for n in _walk([node], views):
+            for user in uses(n):
                 name = _op_name(user)
-                if not user.args or user.args[0] is not n:
-                    continue
                 if name in _ROW_WRITES:
                     target = kind(node)
                     value = _written_value(user)
@@ -682,9 +695,6 @@ def _refuse_in_place_writes(graph: fx.Graph, upstream: set[fx.Node], image: set[
                         f"are image tokens cannot be followed through the write. Pass "
                         f"prefix_tokens=<count of leading rows to keep> to route(), or use "
                         f"front_end='concrete'")
-                if name in _VIEWS or (user.op == "call_function" and
-                                      user.target is operator.getitem):
-                    todo.append(user)
 
 
 # Ops that rearrange axes without moving rows along the token axis (a reshape that keeps
@@ -724,17 +734,9 @@ _SUMS = {"add", "sub", "rsub"}
 
 def _value_sources(node: fx.Node) -> list[fx.Node]:
     """The forward arguments whose values (not only metadata) ``node`` is computed from."""
-    found, seen, todo = [], set(), [node]
-    while todo:
-        n = todo.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        if n.op == "placeholder":
-            found.append(n)
-        todo.extend(i for i in n.all_input_nodes
-                    if not _is_metadata(i) and _reads_values_of(n, i))
-    return found
+    return [n for n in _walk([node], lambda n: [
+        i for i in n.all_input_nodes if not _is_metadata(i) and _reads_values_of(n, i)])
+        if n.op == "placeholder"]
 
 
 # Elementwise ops by which a per-row factor can zero an operand's rows (a mask).
@@ -820,16 +822,9 @@ def fixed_rows(graph: fx.Graph, chain_input: fx.Node, shapes: Mapping | None,
     (the caller refuses), ``(0, 0)`` otherwise.
     """
     if shapes is None:
-        todo, seen = [chain_input], set()
-        while todo:
-            node = todo.pop()
-            if node in seen:
-                continue
-            seen.add(node)
-            if _cat_dim(node) in (1, -2):
-                return None
-            todo.extend(i for i in node.all_input_nodes if not _is_metadata(i))
-        return (0, 0)
+        upward = _walk([chain_input], lambda n: [i for i in n.all_input_nodes
+                                                 if not _is_metadata(i)])
+        return None if any(_cat_dim(n) in (1, -2) for n in upward) else (0, 0)
     upstream = nx.ancestors(data_flow(graph), chain_input) | {chain_input}
     image_inputs, sure = _image_inputs(graph, upstream)
     image = _image_rows_of(image_inputs, streams)
@@ -955,16 +950,11 @@ def fixed_rows(graph: fx.Graph, chain_input: fx.Node, shapes: Mapping | None,
         """Refuses a written value that sums another input's rows into image rows (as
         :func:`_refuse_mixed_rows` does for the stream); True otherwise."""
         tokens = shapes[chain_input][token_axis]
-        todo, seen = [value], set()
-        while todo:
-            n = todo.pop()
-            if n in seen or n not in image:
-                continue
-            seen.add(n)
+        imaged = [value] if value in image else []
+        for n in _walk(imaged, lambda n: [i for i in n.all_input_nodes if i in image]):
             if _op_name(n).rstrip("_") in _SUMS:
                 _refuse_mixed_rows(n, {i: [(1, i in image)] for i in n.all_input_nodes},
                                    image_inputs, shapes, tokens, image)
-            todo.extend(n.all_input_nodes)
         return True
 
     _refuse_in_place_writes(graph, upstream, image, kind, mixed)
