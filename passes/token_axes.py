@@ -744,9 +744,10 @@ _GATES = {"mul", "div", "where", "masked_fill"}
 
 
 def _row_gate(value: fx.Node, image_inputs: Sequence[fx.Node], image: set[fx.Node],
-              shapes: Mapping, tokens: int) -> tuple[fx.Node, list] | None:
+              shapes: Mapping, tokens: Sequence[int]) -> tuple[fx.Node, list] | None:
     """Where the image rows of ``value`` are multiplied (or replaced) by a factor computed
-    from another forward argument with ``tokens`` rows (Ideogram4's ``x * image_mask``: a
+    from another forward argument with one of the ``tokens`` row counts (Ideogram4's
+    ``x * image_mask``: a
     mask that chooses which rows hold the image), as ``(node, argument names)``; None when
     no such gate is on the way from the image input."""
     todo, seen = [value], set()
@@ -760,19 +761,27 @@ def _row_gate(value: fx.Node, image_inputs: Sequence[fx.Node], image: set[fx.Nod
             for i in inputs:
                 if i in image or not isinstance(shapes.get(i), tuple):
                     continue
-                others = [p.target for p in _value_sources(i) if p not in image_inputs
-                          and isinstance(shapes.get(p), tuple) and tokens in shapes[p]]
+                others = _other_arguments(i, image_inputs, shapes, tokens)
                 if others:
                     return n, others
         todo.extend(inputs)
     return None
 
 
+def _other_arguments(value: fx.Node, image_inputs: Sequence[fx.Node], shapes: Mapping,
+                     tokens: Sequence[int]) -> list[str]:
+    """The forward arguments other than the image input that ``value`` is computed from
+    and that have one of the ``tokens`` row counts on some axis."""
+    return [p.target for p in _value_sources(value) if p not in image_inputs
+            and isinstance(shapes.get(p), tuple) and any(t in shapes[p] for t in tokens)]
+
+
 def _refuse_mixed_rows(node: fx.Node, layouts: Mapping[fx.Node, list[tuple[int, bool]]],
-                       image_inputs: Sequence[fx.Node], shapes: Mapping, tokens: int,
-                       image: set[fx.Node] | None = None) -> None:
+                       image_inputs: Sequence[fx.Node], shapes: Mapping,
+                       tokens: Sequence[int], image: set[fx.Node] | None = None) -> None:
     """A sum of token-aligned values, one with image rows and one whose rows are all
-    computed from another forward argument with as many rows (Ideogram4 packs image and
+    computed from another forward argument with as many rows as the sum or the stream
+    (``tokens``: a write into some rows of the stream adds slices; Ideogram4 packs image and
     text tokens in one sequence: ``x * image_mask + text * text_mask``): each row is an
     image or another token depending on values tread_fx does not read; refused.
 
@@ -792,14 +801,13 @@ def _refuse_mixed_rows(node: fx.Node, layouts: Mapping[fx.Node, list[tuple[int, 
     for value, layout in layouts.items():
         if any(f for _, f in layout):
             continue
-        others = [p.target for p in _value_sources(value) if p not in image_inputs
-                  and isinstance(shapes.get(p), tuple) and tokens in shapes[p]]
+        others = _other_arguments(value, image_inputs, shapes, tokens)
         if others:
             raise TokenAxisError(
                 f"{node.name!r} ({_op_name(node)}) adds {value.name!r}, computed from the "
-                f"forward argument(s) {others} with {tokens} rows, to rows computed from "
+                f"forward argument(s) {others} (as many rows), to rows computed from "
                 f"the image input, row for row: the blocks' stream mixes the image with "
-                f"another input on the same {tokens} rows{gated} (image and text tokens "
+                f"another input on the same rows{gated} (image and text tokens "
                 f"packed in one sequence and chosen by masks, x * image_mask + text * "
                 f"text_mask?), so "
                 f"which rows are image tokens depends on input values tread_fx does not "
@@ -826,6 +834,7 @@ def fixed_rows(graph: fx.Graph, chain_input: fx.Node, shapes: Mapping | None,
                                                  if not _is_metadata(i)])
         return None if any(_cat_dim(n) in (1, -2) for n in upward) else (0, 0)
     upstream = nx.ancestors(data_flow(graph), chain_input) | {chain_input}
+    stream_tokens = shapes[chain_input][token_axis]
     image_inputs, sure = _image_inputs(graph, upstream)
     image = _image_rows_of(image_inputs, streams)
     memo: dict[tuple[fx.Node, int], Any] = {}
@@ -877,7 +886,7 @@ def fixed_rows(graph: fx.Graph, chain_input: fx.Node, shapes: Mapping | None,
                        and len(shapes[i]) == rank and shapes[i][axis] == shape[axis]]
             if _op_name(node).rstrip("_") in _SUMS:
                 _refuse_mixed_rows(node, {i: rows(i, axis) or [] for i in aligned},
-                                   image_inputs, shapes, shape[axis], image)
+                                   image_inputs, shapes, (shape[axis], stream_tokens), image)
             layouts = {tuple(r) for r in (rows(i, axis) for i in aligned) if r and len(r) > 1}
             stacked = _stacked_rows(node, shapes, image, axis, rank) \
                 if not aligned else None
@@ -949,12 +958,11 @@ def fixed_rows(graph: fx.Graph, chain_input: fx.Node, shapes: Mapping | None,
     def mixed(value: fx.Node) -> bool:
         """Refuses a written value that sums another input's rows into image rows (as
         :func:`_refuse_mixed_rows` does for the stream); True otherwise."""
-        tokens = shapes[chain_input][token_axis]
         imaged = [value] if value in image else []
         for n in _walk(imaged, lambda n: [i for i in n.all_input_nodes if i in image]):
             if _op_name(n).rstrip("_") in _SUMS:
                 _refuse_mixed_rows(n, {i: [(1, i in image)] for i in n.all_input_nodes},
-                                   image_inputs, shapes, tokens, image)
+                                   image_inputs, shapes, (stream_tokens,), image)
         return True
 
     _refuse_in_place_writes(graph, upstream, image, kind, mixed)

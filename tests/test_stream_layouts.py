@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import tread_fx
+from conftest import AttentionBlock
 
 D, N, T = 16, 12, 5
 
@@ -451,3 +452,31 @@ def test_a_text_stream_one_row_longer_is_not_a_joint_table():
                 if n.name.startswith("tread_side")]
     assert gathered == ["blocks.1:2"]   # the mask; the text stream passes untouched
     _verified(model, "1:2@0.5", inputs, token_inputs=order)
+
+
+class GatedWrite(nn.Module):
+    """A write into the stream's rows of image rows gated by a mask from another input plus
+    text rows (Ideogram4's packing, done by item assignment on a slice)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.text = nn.Linear(4, D), nn.Linear(6, D)
+        self.blocks = nn.ModuleList(AttentionBlock(D) for _ in range(4))
+
+    def forward(self, x, text, mask):
+        h = self.embed(x)
+        h[:, 1:] = h[:, 1:] * mask[:, 1:] + self.text(text)[:, 1:]
+        for b in self.blocks:
+            h = b(h)
+        return h
+
+
+@pytest.mark.parametrize("front_end", ["export", "concrete"])
+def test_a_gated_sum_written_into_the_stream_is_refused(front_end):
+    """Routed, rows where the mask is 0 are text, and verify finds them dropped: both front
+    ends refuse (the concrete tracer's write path compared the slice's 11 rows with the
+    12-row text argument and let it through)."""
+    torch.manual_seed(0)
+    inputs = (_x(), torch.randn(2, N, 6), (torch.rand(2, N, 1) > 0.5).float())
+    with pytest.raises(tread_fx.TokenAxisError, match="mixes the image with another input"):
+        tread_fx.route(GatedWrite(), "1:2@0.5", example_inputs=inputs, front_end=front_end)
