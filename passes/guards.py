@@ -17,12 +17,11 @@ import inspect
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-import networkx as nx
 import torch
 from torch import fx, nn
 
-from .token_axes import _value_descendants, data_flow
-from .trace import TraceError, _Bound
+from .token_axes import _is_metadata, _value_descendants, _walk
+from .trace import DATA_SHAPED, TRACED_PLAIN, TraceError, _Bound
 
 __all__ = ["Guard", "ValueGuards", "describe_difference", "freeze", "value_guards"]
 
@@ -184,6 +183,19 @@ def module_tensors(graph: fx.Graph, root: nn.Module) -> list[tuple[nn.Module, st
     return found
 
 
+def _fixed_size(node: fx.Node) -> bool:
+    """A read of a tensor's metadata (``h.size(1)``) whose traced value holds for every call
+    of this graph: the graph is keyed on the input shapes, so a size is fixed unless the
+    tensor's shape came from its data (checked where it is used)."""
+    return _is_metadata(node) and TRACED_PLAIN in node.meta
+
+
+def _needed(node: fx.Node) -> set[fx.Node]:
+    """The nodes a guard must run to recompute ``node``: its inputs, back to the graph's
+    inputs, but not the tensors whose fixed sizes it reads."""
+    return set(_walk([node], lambda n: [] if _fixed_size(n) else n.all_input_nodes))
+
+
 @dataclass
 class ValueGuards:
     """Recomputes the converted values from the graph's inputs and compares them."""
@@ -211,14 +223,14 @@ def value_guards(graph: fx.Graph, conversions: Sequence[tuple[fx.Node, str, Any,
     nodes = set(graph.nodes)
     sources = [n for n in graph.nodes if n.op in ("placeholder", "get_attr")]
     data = _value_descendants(sources)
-    flow = data_flow(graph)
     picked = []
     for node, kind, value, source in conversions:
         if node not in nodes or node not in data or any(p[0] is node for p in picked):
             continue
-        needed = nx.ancestors(flow, node) | {node}
+        needed = _needed(node)
         bad = [n for n in graph.nodes if n in needed and (
-            n.op == "call_module" or getattr(n.target, "__name__", str(n.target)) in _RANDOM)]
+            n.op == "call_module" or getattr(n.target, "__name__", str(n.target)) in _RANDOM
+            or _fixed_size(n) and n.all_input_nodes[0].meta.get(DATA_SHAPED))]
         if bad:
             raise TraceError(
                 f"{source}\n  the forward converts a tensor value to a Python {kind} "
@@ -230,11 +242,13 @@ def value_guards(graph: fx.Graph, conversions: Sequence[tuple[fx.Node, str, Any,
         picked.append((node, kind, value, source))
     if not picked:
         return None
-    needed = set().union(*(nx.ancestors(flow, n) | {n} for n, *_ in picked))
+    needed = set().union(*(_needed(n) for n, *_ in picked))
     guard_graph = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {}
+    env: dict[fx.Node, Any] = {}
     for node in graph.nodes:
-        if node.op == "placeholder" or node in needed:
+        if node in needed and _fixed_size(node):
+            env[node] = node.meta[TRACED_PLAIN]
+        elif node.op == "placeholder" or node in needed:
             env[node] = guard_graph.node_copy(node, lambda n: env[n])
     guard_graph.output(tuple(env[n] for n, *_ in picked))
     code = guard_graph.python_code(root_module="self")

@@ -36,6 +36,12 @@ __all__ = ["TraceError", "Traced", "bind_inputs", "frozen_state", "has_tensor", 
            "preserved_attributes", "preserved_modes", "shape_tree", "trace_modes"]
 
 _VALUE = "tread_concrete_value"
+# What the concrete tracer keeps of the values once it is done: a plain (non-tensor) value
+# such as a size, and whether a tensor's shape came from its data (nonzero, mask indexing).
+TRACED_PLAIN = "tread_traced_plain"
+DATA_SHAPED = "tread_data_shaped"
+_DATA_SHAPED_OPS = {"nonzero", "argwhere", "masked_select", "unique", "unique_consecutive",
+                    "nonzero_static", "repeat_interleave"}
 # Tensor metadata that is read as a plain value while tracing concretely.
 _CONCRETE_ATTRS = {"dtype", "device", "layout", "ndim", "is_cuda", "requires_grad",
                    "is_sparse", "is_quantized", "is_meta"}
@@ -583,6 +589,28 @@ def _export_modes(model: nn.Module, leaves: list[nn.Module], inputs: dict[str, A
     return traced
 
 
+def _plain_value(value: Any) -> bool:
+    if isinstance(value, (tuple, list)):
+        return all(_plain_value(v) for v in value)
+    return isinstance(value, (bool, int, float, torch.dtype, torch.device))
+
+
+def _keep_plain(node: fx.Node) -> None:
+    """Record what value guards may need once the traced values are dropped: the value of
+    a node that computed a plain value (a size), and whether a tensor's shape depends on
+    tensor data (nonzero, boolean-mask indexing), itself or through its inputs."""
+    value = node.meta.get(_VALUE)
+    if node.op != "placeholder" and _plain_value(value):
+        node.meta[TRACED_PLAIN] = tuple(value) if isinstance(value, torch.Size) else value
+    name = getattr(node.target, "__name__", str(node.target))
+    bool_index = name in ("getitem", "__getitem__", "index") and any(
+        isinstance(a.meta.get(_VALUE), torch.Tensor) and a.meta[_VALUE].dtype == torch.bool
+        for a in node.all_input_nodes[1:])
+    if name in _DATA_SHAPED_OPS or bool_index or any(
+            a.meta.get(DATA_SHAPED) for a in node.all_input_nodes):
+        node.meta[DATA_SHAPED] = True
+
+
 def _trace(model: nn.Module, make_tracer, modes: Mapping[str, list[tuple[nn.Module, bool]]],
            front_end: str, input_shapes: dict | None = None) -> Traced:
     before = set(vars(model))
@@ -612,6 +640,8 @@ def _trace(model: nn.Module, make_tracer, modes: Mapping[str, list[tuple[nn.Modu
             for b, saved in buffers:
                 b.copy_(saved)
     for graph in graphs.values():
+        for node in graph.nodes:
+            _keep_plain(node)
         for node in graph.nodes:
             node.meta.pop(_VALUE, None)
     constants = {k: v for k, v in added.items() if isinstance(v, torch.Tensor)}

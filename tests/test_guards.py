@@ -144,6 +144,56 @@ def test_unguardable_value_branch_is_refused_with_the_source_line():
         tread_fx.route(ModuleBranch(), "1:2@0.5", example_inputs=(torch.randn(2, 6, 8),))
 
 
+class SizedBranch(nn.Module):
+    """OmniGen's pattern: position ids viewed by the length of a module's output, then a
+    branch on their largest value (the rotary table's scaling)."""
+
+    def __init__(self, depth=4, d=8):
+        super().__init__()
+        self.embed = nn.Linear(d, d)
+        self.blocks = nn.ModuleList(_Block(d) for _ in range(depth))
+
+    def forward(self, x, position_ids):
+        h = self.embed(x)
+        pos = position_ids.view(-1, h.size(1))
+        if pos.max() + 1 > 10:
+            h = h * 2
+        for b in self.blocks:
+            h = b(h)
+        return h
+
+
+def test_branch_through_the_size_of_a_module_output_is_guarded():
+    model = SizedBranch().eval()
+    x = torch.randn(2, 6, 8)
+    short = torch.arange(6).repeat(2, 1)
+    routed = tread_fx.route(model, "1:2@0.5", example_inputs=(x, short)).eval()
+    for pos in (short, short + 20, short):
+        assert torch.equal(routed(x, pos), model(x, pos))
+    assert routed.retraces == 1     # the long positions took the other branch
+
+
+class DataShapedBranch(SizedBranch):
+    """The same, but the length read comes from a mask: it differs from call to call at
+    the same input shapes, so a traced value of it cannot be reused."""
+
+    def forward(self, x, position_ids, keep):
+        h = self.embed(x)[keep]
+        pos = position_ids[:, : h.size(0)]
+        if pos.max() + 1 > 10:
+            h = h * 2
+        for b in self.blocks:
+            h = b(h)
+        return h
+
+
+def test_branch_through_a_data_dependent_size_is_refused():
+    x, pos = torch.randn(2, 6, 8), torch.arange(6).repeat(2, 1)
+    keep = torch.tensor([True, False])
+    with pytest.raises(tread_fx.TraceError, match=r"if pos.max\(\) \+ 1 > 10"):
+        tread_fx.route(DataShapedBranch(), "1:2@0.5", example_inputs=(x, pos, keep))
+
+
 class ListInput(nn.Module):
     def __init__(self, depth=4, d=8):
         super().__init__()
