@@ -310,10 +310,19 @@ def find_block_chain(graph: fx.Graph, groups: list[CandidateGroup],
             rejected.append(ambiguous[0] + "; which one is the token stream to route is "
                             "ambiguous, and tread_fx does not guess: pass "
                             "hidden='<argument name>'")
+        relaid = _relaid_pairs(calls, member_of)
         for g in groups:
             if any(member_of[n.target] is g for n in calls):
-                rejected.append(f"{g.describe()}: no block's output is the input of another "
-                                f"(the blocks do not form a sequence)")
+                pair = next(((a, b) for a, b in relaid if member_of[a.target] is g), None)
+                rejected.append(
+                    f"{g.describe()}: no block's output is the input of another "
+                    f"(the blocks do not form a sequence)" if pair is None else
+                    f"{g.describe()}: {pair[0].target}'s output reaches {pair[1].target} only "
+                    f"through reshapes or permutes, so the two groups work on different "
+                    f"layouts of the stream (factorised attention, as in video models: one "
+                    f"over the tokens of each frame, one over the frames of each token); "
+                    f"routing them would need the same tokens kept in every frame, which "
+                    f"tread_fx does not do")
         lines = "\n  - ".join(rejected) if rejected else (
             "no sibling modules of the same class with the same parameter shapes")
         raise NoBlocksFound(
@@ -350,6 +359,29 @@ def find_block_chain(graph: fx.Graph, groups: list[CandidateGroup],
                  for c in others if len(c) >= 2]
     breaks = [sum(len(seg) for seg in segments[:i]) for i in range(1, len(segments))]
     return BlockChain([n.target for n in path], hidden_in, hidden_out, rejected, breaks)
+
+
+_RELAYOUTS = {"reshape", "view", "permute", "transpose", "flatten", "unflatten", "contiguous"}
+
+
+def _relaid_pairs(calls: list[fx.Node], member_of: dict) -> list[tuple[fx.Node, fx.Node]]:
+    """(block, block of another group) where the first's output reaches the second through
+    reshapes and permutes, at least one of which changes the shape (Latte's spatial and
+    temporal blocks, each group on its own layout of the same tokens)."""
+    call_set, pairs = set(calls), []
+    for block in calls:
+        todo, seen = [(value, False) for _, value in _outputs(block)], set()
+        while todo:
+            value, moved = todo.pop()
+            for user in value.users:
+                if user in call_set and moved and member_of[user.target] is not \
+                        member_of[block.target]:
+                    pairs.append((block, user))
+                elif user not in seen and op_name(user) in _RELAYOUTS and \
+                        user.args and user.args[0] is value:
+                    seen.add(user)
+                    todo.append((user, moved or op_name(user) != "contiguous"))
+    return pairs
 
 
 def _trimmed(path: list[fx.Node], member_of: dict, end: int) -> list[fx.Node]:

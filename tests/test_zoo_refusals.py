@@ -271,3 +271,34 @@ def test_a_joint_mask_padded_in_front_with_the_image_rows_verifies():
     assert [(n.meta["tread"]["offset"], n.meta["tread"]["tail"]) for n in side] == [(0, T)]
     report = tread_fx.verify(model, "1:2@0.5", _padded_inputs())
     assert report.ok, str(report)
+
+
+class SpaceTime(nn.Module):
+    """Latte: spatial blocks over the patches of each frame ([B*F, N, D]) alternate with
+    temporal blocks over the frames of each patch ([B*N, F, D]), reshaped in between."""
+
+    def __init__(self, frames=3):
+        super().__init__()
+        self.frames = frames
+        self.embed = nn.Linear(4, D)
+        self.spatial = nn.ModuleList(AttentionBlock(D) for _ in range(3))
+        self.temporal = nn.ModuleList(AttentionBlock(D) for _ in range(3))
+
+    def forward(self, x):   # x: [B, F, N, 4]
+        b, f, n, _ = x.shape
+        h = self.embed(x).reshape(b * f, n, D)
+        for s, t in zip(self.spatial, self.temporal):
+            h = s(h)
+            h = h.reshape(b, f, n, D).permute(0, 2, 1, 3).reshape(b * n, f, D)
+            h = t(h)
+            h = h.reshape(b, n, f, D).permute(0, 2, 1, 3).reshape(b * f, n, D)
+        return h.reshape(b, f, n, D)
+
+
+@pytest.mark.parametrize("front_end", ["fx", "export"])
+def test_factorised_space_time_blocks_are_refused_naming_the_layouts(front_end):
+    x = torch.randn(2, 3, N, 4)
+    with pytest.raises(tread_fx.NoBlocksFound,
+                       match=r"spatial\.0's output reaches temporal\.0 only through reshapes "
+                             r"or permutes.*same tokens kept in every frame"):
+        tread_fx.route(SpaceTime(), "1:2@0.5", example_inputs=(x,), front_end=front_end)
