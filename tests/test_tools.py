@@ -24,6 +24,32 @@ def test_summary_and_dot_show_the_inserted_nodes():
     assert '"blocks_2" -> "tread_scatter_0";' in dot
 
 
+def test_cli_bench_profile_splits_the_time_by_kind(capsys):
+    from tread_fx.tools.bench_profile import KINDS, OTHER, kind_of
+
+    assert main(["bench", "--model", "DiT-S/8", "--input-size", "32", "--batch", "2",
+                 "--steps", "1", "--warmup", "0", "--routes", "1:8@0.5", "--profile",
+                 "--json"]) == 0
+    profile = json.loads(capsys.readouterr().out)["profile"]
+    kinds = [k for k, _ in KINDS] + [OTHER]
+    for name in ("dense", "routed", "hand-written"):
+        t = profile["seconds"][name]
+        assert abs(sum(t[k] for k in kinds) - t["operators"]) < 1e-9
+        assert t["matmul"] > 0 and t["wall"] >= t["operators"] > 0
+    # the routed models gather and scatter; the dense one only draws its label dropout
+    assert profile["seconds"]["routed"]["routing"] > profile["seconds"]["dense"]["routing"]
+    flops = profile["flops"]
+    assert 0.3 < flops["routed"]["matmul"] / flops["dense"]["matmul"] < 0.95
+    assert flops["routed"]["matmul"] == flops["hand-written"]["matmul"]
+    # attention is counted on CPU too, and shrinks with the square of the kept tokens
+    assert flops["routed"]["attention"] / flops["dense"]["attention"] < \
+        flops["routed"]["matmul"] / flops["dense"]["matmul"]
+    assert [kind_of(n) for n in ("aten::addmm", "aten::gather", "aten::native_layer_norm",
+                                 "aten::_scaled_dot_product_flash_attention_for_cpu",
+                                 "aten::gelu")] == ["matmul", "routing", "norm", "attention",
+                                                    OTHER]
+
+
 def test_cli_inspect(capsys, tmp_path):
     assert main(["inspect", "--model", "DiT-S/8", "--input-size", "32", "--code",
                  "--dot", str(tmp_path / "g.dot")]) == 0

@@ -40,12 +40,12 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 import tread_fx
 from tread_fx.models import DiT_models
 from tread_fx.spec import kept_count, parse_spec
 
+from . import bench_profile
 from .errors import UsageError
 
 __all__ = ["MODELS", "SUITE", "add_arguments", "check_arguments", "main", "run", "run_suite"]
@@ -85,6 +85,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="run DiT-S/2, DiT-B/2 and diffusers-SD3-S/2, each eager and with "
                         "compiled blocks (--model, --routes and --compile are ignored), "
                         "one table")
+    p.add_argument("--profile", action="store_true",
+                   help="also profile a few forward + backward passes of each model and print "
+                        "where the time goes by kind of work (matmul, attention, norm, "
+                        "routing, copies, other) beside each kind's FLOP ratio")
     p.add_argument("--no-hand-written", action="store_true",
                    help="skip the hand-written routed forward")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
@@ -248,7 +252,7 @@ def _saved_bytes(run: Callable[[], torch.Tensor], params) -> int:
 
 
 def _flops(run: Callable[[], torch.Tensor]) -> int:
-    with FlopCounterMode(display=False) as counter:
+    with bench_profile.flop_counter() as counter:
         run().backward()
     return counter.get_total_flops()
 
@@ -316,6 +320,7 @@ def run(args: argparse.Namespace, model: str | None = None, routes: str | None =
     flops = {name: _flops(lambda fn=fn: loss_of(fn)) for name, fn in models.items()}
     saved = {name: _saved_bytes(lambda fn=fn: loss_of(fn), params[name])
              for name, fn in models.items()}
+    flop_models = dict(models)   # uncompiled: the FLOP counter sees the aten operators
     if compile_mode == "full":
         models = {name: torch.compile(fn) for name, fn in models.items()}
     elif compile_mode == "blocks":
@@ -366,6 +371,18 @@ def run(args: argparse.Namespace, model: str | None = None, routes: str | None =
                 else f"step {i + 1 - args.warmup}/{args.steps}")
         status(f"  {what}: " + ", ".join(f"{n} {took[n][0]:.3f} s" for n in names)
                + " (forward + backward)")
+    profiled = None
+    if getattr(args, "profile", False):
+        status("  profiling forward + backward of each model ...")
+
+        def fwd_bwd(name: str) -> None:
+            opts[name].zero_grad(set_to_none=True)
+            loss_of(models[name]).backward()
+
+        profiled = {"seconds": bench_profile.profile_steps(
+            {n: lambda n=n: fwd_bwd(n) for n in names}, device),
+            "flops": {n: bench_profile.flops_by_kind(lambda fn=fn: loss_of(fn))
+                      for n, fn in flop_models.items()}}
     med = {n: statistics.median(v) for n, v in times.items()}
     step_med = {n: statistics.median(v) for n, v in steps.items()}
     flop_ratio = float(flops["routed"]) / float(flops["dense"])
@@ -390,7 +407,7 @@ def run(args: argparse.Namespace, model: str | None = None, routes: str | None =
         "overhead_vs_hand": None if hand is None else med["routed"] / hand - 1,
         "dense_saved_mb": mb(saved["dense"]), "routed_saved_mb": mb(saved["routed"]),
         "dense_peak_mb": mb(peak["dense"]), "routed_peak_mb": mb(peak["routed"]),
-        "route_s": route_s,
+        "route_s": route_s, "profile": profiled,
     }
 
 
@@ -451,4 +468,8 @@ def main(args: argparse.Namespace) -> int:
     results = run_suite(args)
     print(json.dumps(results if args.suite else results[0]) if args.json
           else report(results))
+    for r in results:
+        if r.get("profile") and not args.json:
+            print(f"\n{r['model']} {r['routes']} compile={r['compile']}: "
+                  + bench_profile.report(r["profile"]["seconds"], r["profile"]["flops"]))
     return 0
