@@ -20,6 +20,7 @@ from typing import Any, Sequence
 import torch
 from torch import fx, nn
 
+from .find_blocks import op_name
 from .token_axes import _is_metadata, _value_descendants, _walk
 from .trace import DATA_SHAPED, TRACED_PLAIN, TraceError, _Bound
 
@@ -187,7 +188,15 @@ def _fixed_size(node: fx.Node) -> bool:
     """A read of a tensor's metadata (``h.size(1)``) whose traced value holds for every call
     of this graph: the graph is keyed on the input shapes, so a size is fixed unless the
     tensor's shape came from its data (checked where it is used)."""
-    return _is_metadata(node) and TRACED_PLAIN in node.meta
+    if TRACED_PLAIN not in node.meta or not _is_metadata(node):
+        return False
+    name = node.args[1] if node.target is getattr else op_name(node)
+    return name in _FIXED_BY_KEY
+
+
+# metadata the guard key fixes (shapes, dtypes, devices); not strides or requires_grad
+_FIXED_BY_KEY = {"size", "shape", "dim", "ndim", "numel", "dtype", "device", "sym_size",
+                 "sym_numel"}
 
 
 def _needed(node: fx.Node) -> set[fx.Node]:
