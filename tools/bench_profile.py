@@ -48,39 +48,41 @@ def profile_steps(steps: dict[str, Callable[[], None]], device: torch.device,
                   repeats: int = 3) -> dict[str, dict[str, float]]:
     """``{model: {kind: seconds per step, ..., "wall": ..., "outside operators": ...}}``.
 
-    ``steps[name]()`` runs one forward + backward; each is run ``repeats`` times in one
-    profiler session per model (after the bench's timed steps, so warmed up)."""
+    ``steps[name]()`` runs one forward + backward.  The models take turns, one profiled
+    step each per round, ``repeats`` rounds (after one unprofiled step each), so load on a
+    shared machine hits all alike, as in the timed steps."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    out: dict[str, dict[str, float]] = {}
+    out = {name: {kind: 0.0 for kind in [k for k, _ in KINDS] + [OTHER, "wall"]}
+           for name in steps}
     for name, step in steps.items():
-        step()   # once unprofiled: allocator and caches as in the timed steps
-        if cuda:
-            torch.cuda.synchronize(device)
-        with profile(activities=activities) as prof:
-            for _ in range(repeats):
-                step()
+        step()   # allocator and caches as in the timed steps
+    for _ in range(repeats):
+        for name, step in steps.items():
             if cuda:
                 torch.cuda.synchronize(device)
-        kinds = {kind: 0.0 for kind, _ in KINDS}
-        kinds[OTHER] = 0.0
-        for event in prof.key_averages():
-            if cuda:   # the kernels themselves, by name (each once)
-                if event.device_type != DeviceType.CUDA:
-                    continue
-                us = event.self_device_time_total
-            else:      # the operators' own time (not the autograd or module wrappers)
-                if not event.key.startswith("aten::"):
-                    continue
-                us = event.self_cpu_time_total
-            kinds[kind_of(event.key)] += us / 1e6 / repeats
-        wall = _wall(prof) / repeats
-        busy = sum(kinds.values())
-        out[name] = {**kinds, "operators": busy, "wall": wall,
-                     "outside operators": max(wall - busy, 0.0)}
+            with profile(activities=activities) as prof:
+                step()
+                if cuda:
+                    torch.cuda.synchronize(device)
+            kinds = out[name]
+            for event in prof.key_averages():
+                if cuda:   # the kernels themselves, by name (each once)
+                    if event.device_type != DeviceType.CUDA:
+                        continue
+                    us = event.self_device_time_total
+                else:      # the operators' own time (not the autograd or module wrappers)
+                    if not event.key.startswith("aten::"):
+                        continue
+                    us = event.self_cpu_time_total
+                kinds[kind_of(event.key)] += us / 1e6 / repeats
+            kinds["wall"] += _wall(prof) / repeats
+    for kinds in out.values():
+        kinds["operators"] = sum(v for k, v in kinds.items() if k != "wall")
+        kinds["outside operators"] = max(kinds["wall"] - kinds["operators"], 0.0)
     return out
 
 
