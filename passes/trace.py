@@ -408,7 +408,7 @@ def frozen_state(model: nn.Module) -> Iterator[None]:
     random state are restored on exit, and no autograd graph is built."""
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
     try:
-        with preserved_modes(model), torch.random.fork_rng(devices=[]), torch.no_grad():
+        with preserved_modes(model), forked_rng(), torch.no_grad():
             yield
     finally:
         with torch.no_grad():
@@ -589,6 +589,14 @@ def _export_modes(model: nn.Module, leaves: list[nn.Module], inputs: dict[str, A
     return traced
 
 
+def forked_rng():
+    """``torch.random.fork_rng`` over the CPU and every CUDA device in use: what route()
+    and verify() run on the user's model (dropout, seeded checks) leaves every global
+    random state as it was."""
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    return torch.random.fork_rng(devices=cuda)
+
+
 def _plain_value(value: Any) -> bool:
     if isinstance(value, (tuple, list)):
         return all(_plain_value(v) for v in value)
@@ -617,7 +625,7 @@ def _trace(model: nn.Module, make_tracer, modes: Mapping[str, list[tuple[nn.Modu
     graphs, conversions, traced_through = {}, {}, {}
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
     try:
-        with preserved_modes(model), torch.random.fork_rng(devices=[]):
+        with preserved_modes(model), forked_rng():
             for mode, flags in modes.items():
                 for module, flag in flags:
                     module.training = flag

@@ -3,6 +3,8 @@ one graph serves every batch size where that is proven, and not where it is not.
 
 from __future__ import annotations
 
+import collections
+
 import torch
 from torch import nn
 
@@ -105,6 +107,71 @@ def test_batch_dim_not_trusted_where_the_graph_depends_on_it():
     model = UnrolledBatch().eval()
     x = torch.randn(4, 6, 8)
     routed = tread_fx.route(model, "1:2@0.5", example_inputs=(x,)).eval()
+    for b in (4, 3, 6, 4):
+        xb = torch.randn(b, 6, 8)
+        assert torch.equal(routed(xb), model(xb))
+
+
+CALLS: collections.Counter = collections.Counter()   # (block, batch size): real calls
+
+
+class _CountedBlock(nn.Module):
+    def __init__(self, d=8, p=0.0):
+        super().__init__()
+        self.lin = nn.Linear(d, d)
+        self.drop = nn.Dropout(p)
+
+    def forward(self, x):
+        if type(x) is torch.Tensor:      # not while traced
+            CALLS[id(self), x.shape[0]] += 1
+        return x + self.drop(self.lin(x))
+
+
+class Stack(nn.Module):
+    def __init__(self, depth=4, p=0.0, after=None):
+        super().__init__()
+        self.blocks = nn.ModuleList(_CountedBlock(p=p) for _ in range(depth))
+        self.after = after
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = b(x)
+        if self.after == "pairs":   # a Python loop over pairs of samples after the blocks
+            x = torch.cat([p * (i + 1) for i, p in enumerate(torch.split(x, 2))])
+        if self.after == "noise" and self.training:
+            x = x + torch.randn_like(x)
+        return x
+
+
+def test_batch_check_runs_the_blocks_once_per_mode():
+    """The check at one more sample runs the model once per mode (the train run is the one
+    that probed the blocks' batch axes); the graphs' calls of the blocks are answered with
+    the model's outputs."""
+    model = Stack().train()
+    CALLS.clear()
+    routed = tread_fx.route(model, "1:2@0.5", example_inputs=(torch.randn(4, 6, 8),),
+                            front_end="export")
+    assert routed._guard.free_dims
+    assert [CALLS[id(b), 5] for b in model.blocks] == [2, 2, 2, 2]
+
+
+def test_batch_check_follows_the_random_stream():
+    """Dropout in the blocks and noise after them: the graph matches the model at one more
+    sample only if each answered block call leaves the random state where the block would."""
+    model = Stack(p=0.5, after="noise").train()
+    x = torch.randn(4, 6, 8)
+    routed = tread_fx.route(model, "1:2@0.5", example_inputs=(x,), front_end="export")
+    assert routed._guard.free_dims
+    routed.eval(), model.eval()
+    xb = torch.randn(7, 6, 8)
+    assert torch.equal(routed(xb), model(xb)) and routed.retraces == 0
+
+
+def test_batch_dim_not_trusted_where_the_code_after_the_blocks_depends_on_it():
+    model = Stack(after="pairs").eval()
+    routed = tread_fx.route(model, "1:2@0.5", example_inputs=(torch.randn(4, 6, 8),),
+                            front_end="export").eval()
+    assert not routed._guard.free_dims
     for b in (4, 3, 6, 4):
         xb = torch.randn(b, 6, 8)
         assert torch.equal(routed(xb), model(xb))

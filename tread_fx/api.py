@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import copy
+from collections import deque
 from dataclasses import replace
 from contextlib import contextmanager
 from typing import Any, Iterator, Mapping, Sequence
 
 import torch
+import torch.utils._pytree as pytree
 from torch import fx, nn
 
 from tread_fx.passes.find_blocks import (BlockChain, NoBlocksFound, find_block_chain,
@@ -20,7 +22,7 @@ from tread_fx.passes.guards import Guard, module_tensors, value_guards
 from tread_fx.passes.trace import (Traced, _Bound, bind_inputs, frozen_state, mode_flags,
                                    preserved_attributes, trace_modes)
 
-from .module import TreadGraphModule
+from .module import TreadGraphModule, _compile_graph
 from .runtime import TokenSelector
 from .spec import RouteSpec, parse_spec
 
@@ -173,20 +175,27 @@ def _bind_example(model: nn.Module, example_inputs: Any) -> dict[str, Any]:
 
 
 def _route_graphs(model: nn.Module, spec: RouteSpec, traced: Traced, chain: BlockChain,
-                  call: Mapping[str, Any] | None, selectors: dict, prefix: str = "") -> dict:
+                  call: Mapping[str, Any] | None, selectors: dict, prefix: str = ""):
     """Insert the spec's routes into each traced graph; per mode (graph, args, inside,
-    dense shapes, value guards).  Constants get ``prefix`` in their names."""
+    dense shapes, value guards).  Constants get ``prefix`` in their names.  Also returns
+    the train-mode run of the model at one more sample that probed the blocks, recorded
+    for the batch check when it will run (see :func:`_model_run`), else None."""
     graphs = traced.graphs
     for g in graphs.values():   # constants live under _tread in the routed module
         for node in g.nodes:
             if node.op == "get_attr" and node.target in traced.constants:
                 node.target = f"_tread.{prefix}{node.target}"
     constants = {f"{prefix}{k}": v for k, v in traced.constants.items()}
-    other_batch = {}
+    other_batch, run = {}, None
     if call is not None and spec.routes:
+        record = ["", *_called_modules(next(iter(graphs.values())), model)] \
+            if _batch_dims(traced) else []
         with frozen_state(model):
             model.train(True)
-            other_batch, _ = probe_block_io(model, (), dict(call), chain.targets)
+            torch.manual_seed(0)   # as the batch check seeds its run of the model
+            with _recorded_calls(model, record) as calls:
+                other_batch, _ = probe_block_io(model, (), dict(call), chain.targets)
+            run = (_flags(model), calls) if record else None
     built = {}
     for mode, g in graphs.items():
         args = None if call is None else _graph_args(g, call)
@@ -213,7 +222,7 @@ def _route_graphs(model: nn.Module, spec: RouteSpec, traced: Traced, chain: Bloc
                                           for p in plans)
         guards = value_guards(g, traced.conversions.get(mode, ()))
         built[mode] = (g, args, inside, shapes, guards)
-    return built, constants
+    return built, constants, run
 
 
 def _guard_for(model: nn.Module, routed: TreadGraphModule, traced: Traced) -> Guard | None:
@@ -297,7 +306,7 @@ def _route(model: nn.Module, spec: RouteSpec, example_inputs: Any,
     spec = spec.resolve(len(chain), where)
     _check_segments(spec, chain)
     selectors: dict = {}
-    built, constants = _route_graphs(model, spec, traced, chain, call, selectors)
+    built, constants, run = _route_graphs(model, spec, traced, chain, call, selectors)
     routed = TreadGraphModule(model, built["train"][0], built.get("eval", (None,))[0],
                               selectors, class_name=f"Routed{type(model).__name__}",
                               constants=constants)
@@ -320,7 +329,7 @@ def _route(model: nn.Module, spec: RouteSpec, example_inputs: Any,
             variants = [(vs[-1], mode == "train") for mode in built for vs in
                         [[v for vl in routed._variants.values() for v in vl
                           if v.graph is built[mode][0]]]]
-            if not attempt or _serves_another_batch(routed, model, call, variants):
+            if not attempt or _serves_another_batch(routed, model, call, variants, run):
                 break
     args, inside, shapes = built["train"][1:4]
     if args is not None and spec.routes:
@@ -358,11 +367,14 @@ def _outputs_equal(a: Any, b: Any) -> bool:
 
 
 def _serves_another_batch(routed: TreadGraphModule, model: nn.Module, call: dict[str, Any],
-                          variants: Sequence[tuple[Any, bool]]) -> bool:
+                          variants: Sequence[tuple[Any, bool]], earlier=None) -> bool:
     """Do graphs exported with a symbolic batch compute what the model computes at one more
     sample?  (Export may unroll a loop over the batch without a guard.)  Each of
     ``variants`` (variant, train mode) is run with the routes off and compared with the
-    model in the same mode, before it is trusted for other batch sizes."""
+    model in the same mode, before it is trusted for other batch sizes.  The modules the
+    graph calls (the blocks) are the model's own: a call of one with the model's arguments
+    and random state gets the model's output back instead of computing it again.
+    ``earlier``: a run of the model recorded before (:func:`_model_run`)."""
     from tread_fx.passes.token_axes import _grow_batch
     first = next(v for v in call.values() if isinstance(v, torch.Tensor))
     grown = {k: _grow_batch(v, first.shape[0]) for k, v in call.items()}
@@ -378,10 +390,13 @@ def _serves_another_batch(routed: TreadGraphModule, model: nn.Module, call: dict
                     s.force_active = False
                 if not variant.accepts(routed, grown):
                     return False
+                modules = _called_modules(variant.graph, model)
                 torch.manual_seed(0)
-                ref = model(**grown)
+                ref, calls = _model_run(model, grown, modules, earlier)
+                forward, _ = _compile_graph(variant.graph, "<tread_fx batch check>",
+                                           _replaying(calls), modules)
                 torch.manual_seed(0)
-                out = variant.forward(routed, *variant.args(grown))
+                out = forward(routed, *variant.args(grown))
                 if not _outputs_equal(out, ref):
                     return False
         return True
@@ -393,6 +408,120 @@ def _serves_another_batch(routed: TreadGraphModule, model: nn.Module, call: dict
         for s in selectors:
             s.force_active = None
             s.last_indices = None
+
+
+def _called_modules(graph: fx.Graph, model: nn.Module) -> list[str]:
+    """The model's modules ``graph`` calls (the blocks), not the selectors, whose calls
+    the batch check records to replay them: none for a model with parameters off the CPU,
+    where the copies of every block's inputs and outputs could take gigabytes and the runs
+    they save are fast."""
+    if any(p.device.type != "cpu" for p in model.parameters()):
+        return []
+    return sorted({n.target for n in graph.nodes
+                   if n.op == "call_module" and not n.target.startswith("_tread.")})
+
+
+def _flags(model: nn.Module) -> tuple[bool, ...]:
+    return tuple(m.training for m in model.modules())
+
+
+def _model_run(model: nn.Module, grown: dict[str, Any], modules: Sequence[str],
+               earlier=None) -> tuple[Any, dict[int, deque]]:
+    """``model(**grown)`` and its calls of ``modules`` (:func:`_recorded_calls`).  Taken
+    from ``earlier`` = (training flags, calls recorded with the root "" among the
+    modules) where that recorded this very run: the same flags, inputs and random state."""
+    if earlier is not None and earlier[0] == _flags(model):
+        root = earlier[1].get(id(model), ())
+        if len(root) == 1 and len(root[0]) == 4:
+            inputs, before, out, _ = root[0]
+            if out is not _OPAQUE and _same(inputs, ((), grown)) and \
+                    _same(_rng_state(), before):
+                return out, earlier[1]
+    with _recorded_calls(model, modules) as calls:
+        return model(**grown), calls
+
+
+def _rng_state() -> list[torch.Tensor]:
+    """The CPU random state, and each CUDA device's once CUDA is in use."""
+    return [torch.get_rng_state(), *(torch.cuda.get_rng_state_all()
+                                     if torch.cuda.is_initialized() else ())]
+
+
+def _set_rng_state(states: list[torch.Tensor]) -> None:
+    torch.set_rng_state(states[0])
+    if len(states) > 1:
+        torch.cuda.set_rng_state_all(states[1:])
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal values: tensors of one dtype, device and shape with equal elements, lists,
+    tuples and dicts item by item, anything else by ``==``."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and \
+            (a.dtype, a.device, a.shape) == (b.dtype, b.device, b.shape) and torch.equal(a, b)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return isinstance(a, list) == isinstance(b, list) and len(a) == len(b) and \
+            all(map(_same, a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    try:
+        return type(a) is type(b) and bool(a == b)
+    except Exception:  # noqa: BLE001 - values that cannot be compared are not the same
+        return a is b
+
+
+@contextmanager
+def _recorded_calls(model: nn.Module, targets: Sequence[str]) -> Iterator[dict[int, deque]]:
+    """Every call of the modules ``targets`` while the context runs, per module (by id) in
+    call order: [arguments, random state, output, random state after], as the caller
+    passed and got them (copies, so later in-place writes do not change them)."""
+    calls: dict[int, deque] = {}
+    handles = []
+    for module in {id(m): m for m in map(model.get_submodule, targets)}.values():
+        queue = calls[id(module)] = deque()
+
+        def before(mod, args, kwargs, queue=queue):
+            queue.append([_copied((args, kwargs)), _rng_state()])
+
+        def after(mod, args, kwargs, out, queue=queue):
+            queue[-1] += [_copied(out), _rng_state()]
+        handles += [module.register_forward_pre_hook(before, prepend=True, with_kwargs=True),
+                    module.register_forward_hook(after, with_kwargs=True)]
+    try:
+        yield calls
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+_OPAQUE = object()   # a recorded value that holds objects which could change later
+_PLAIN = (type(None), bool, int, float, complex, str, slice, torch.dtype, torch.device)
+
+
+def _copied(value: Any) -> Any:
+    """``value`` with its tensors cloned, or _OPAQUE if it holds anything but tensors and
+    plain values (an object pytree does not open could be changed in place later)."""
+    leaves, spec = pytree.tree_flatten(value)
+    if not all(isinstance(v, (torch.Tensor, *_PLAIN)) for v in leaves):
+        return _OPAQUE
+    return pytree.tree_unflatten([v.clone() if isinstance(v, torch.Tensor) else v
+                                  for v in leaves], spec)
+
+
+def _replaying(calls: dict[int, deque]):
+    """A module caller that answers each call from the next one ``calls`` recorded for the
+    module when its arguments and the random state are the same (the module computes the
+    same output from them); any other call runs the module."""
+    def call(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        queue = calls.get(id(module))
+        if queue:
+            inputs, before, *result = queue.popleft()   # no result: the call raised
+            if result and result[0] is not _OPAQUE and _same((args, kwargs), inputs) and \
+                    _same(_rng_state(), before):
+                _set_rng_state(result[1])
+                return result[0]
+        return module(*args, **kwargs)
+    return call
 
 
 def _exact_shapes(call: dict[str, Any], check):
@@ -428,7 +557,7 @@ def _specialise_traced(routed: TreadGraphModule, call: dict[str, Any]) -> fx.Gra
             f"{chain.targets}, not {list(routed.block_chain)} as when it was routed; the "
             f"route indices would change meaning. Route it again for these inputs")
     prefix = f"v{len(routed._tread._buffers)}_"
-    built, constants = _route_graphs(model, routed.route_spec, traced, chain, call,
+    built, constants, run = _route_graphs(model, routed.route_spec, traced, chain, call,
                                      dict(routed._tread._modules), prefix)
     for name, value in constants.items():
         routed._tread.register_buffer(name, value, persistent=False)
@@ -437,7 +566,7 @@ def _specialise_traced(routed: TreadGraphModule, call: dict[str, Any]) -> fx.Gra
     variant = routed._add_variant(graph, "train" if routed.training else "eval", guards,
                                   None, call, check)
     if dynamic and not (_batch_dims(traced) and _serves_another_batch(
-            routed, model, call, [(variant, routed.training)])):
+            routed, model, call, [(variant, routed.training)], run)):
         variant.check = _exact_shapes(call, check)
     if args is not None and routed.route_spec.routes and routed.training:
         check_routes(routed, args, shapes, inside, graph)

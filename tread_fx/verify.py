@@ -37,6 +37,8 @@ from typing import Any, Iterator, Mapping
 import torch
 from torch import nn
 
+from .passes.trace import forked_rng
+
 __all__ = ["RouteReport", "VerifyReport", "verify"]
 
 #: Routed vs reference: max abs difference relative to the reference's max abs value.
@@ -169,7 +171,7 @@ def _untouched(model: nn.Module) -> Iterator[None]:
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
     grads = [(p, p.grad) for p in model.parameters()]
     try:
-        with preserved_modes(model), torch.random.fork_rng(devices=[]):
+        with preserved_modes(model), forked_rng():
             yield
     finally:
         with torch.no_grad():
@@ -293,7 +295,7 @@ def _row_checks(model, example_inputs, routed, reports, blocks, seed) -> tuple[s
     if batch is None:
         return "not checked", "no route drew tokens"
     checks = []
-    with torch.random.fork_rng(devices=[]):
+    with forked_rng():
         unread = _unread_rows(model, _clone(example_inputs), blocks[-1], seed, batch)
         if unread is not None:
             checks.append(("the output never reads", unread))
