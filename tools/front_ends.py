@@ -122,7 +122,10 @@ def _equal(a, b) -> bool:
 
 
 def _first_line(err: BaseException, limit: int = 300) -> str:
-    text = str(err).strip().split("\n")[0].strip()
+    """The message's first line; with the next one where the first introduces a list
+    ("found no repeated block sequence to route. Considered:")."""
+    lines = [line.strip() for line in str(err).strip().split("\n")]
+    text = " ".join(lines[:2]) if lines[0].endswith(":") else lines[0]
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 

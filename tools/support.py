@@ -123,7 +123,8 @@ def render(results: dict[str, dict[str, Any]], zoo_path: Any, total_s: float) ->
             f"| {'**' + outcome + '**' if outcome != 'verified' else outcome} "
             f"| {', '.join(r.get('kept', []))} "
             f"| {', '.join(f'{h}+{t}' for h, t in r.get('never_routed', []))} "
-            f"| {r.get('side_inputs', '')} | {_cell(r.get('detail', r.get('timeout', '')))} |")
+            f"| {r.get('side_inputs', '')} "
+            f"| {_cell(r.get('detail', r.get('timeout', '')), 170 if outcome == 'verified' else 300)} |")
     return "\n".join(lines) + "\n"
 
 
