@@ -155,6 +155,19 @@ def test_batch_check_runs_the_blocks_once_per_mode():
     assert [CALLS[id(b), 5] for b in model.blocks] == [2, 2, 2, 2]
 
 
+def test_batch_check_past_its_memory_budget_runs_the_blocks_again(monkeypatch):
+    """Copies of block calls stop at RECORD_BYTES (a big model routed on the CPU); the
+    check then runs every block itself, and still grants the free batch dim."""
+    from tread_fx import api
+    monkeypatch.setattr(api, "RECORD_BYTES", 0)
+    model = Stack().train()
+    CALLS.clear()
+    routed = tread_fx.route(model, "1:2@0.5", example_inputs=(torch.randn(4, 6, 8),),
+                            front_end="export")
+    assert routed._guard.free_dims
+    assert [CALLS[id(b), 5] for b in model.blocks] == [5, 5, 5, 5]
+
+
 def test_batch_check_follows_the_random_stream():
     """Dropout in the blocks and noise after them: the graph matches the model at one more
     sample only if each answered block call leaves the random state where the block would."""

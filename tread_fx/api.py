@@ -474,17 +474,18 @@ def _same(a: Any, b: Any) -> bool:
 def _recorded_calls(model: nn.Module, targets: Sequence[str]) -> Iterator[dict[int, deque]]:
     """Every call of the modules ``targets`` while the context runs, per module (by id) in
     call order: [arguments, random state, output, random state after], as the caller
-    passed and got them (copies, so later in-place writes do not change them)."""
+    passed and got them (copies, so later in-place writes do not change them); past
+    RECORD_BYTES of copies, calls are recorded as _OPAQUE (run again, not replayed)."""
     calls: dict[int, deque] = {}
-    handles = []
+    handles, used = [], [0]
     for module in {id(m): m for m in map(model.get_submodule, targets)}.values():
         queue = calls[id(module)] = deque()
 
         def before(mod, args, kwargs, queue=queue):
-            queue.append([_copied((args, kwargs)), _rng_state()])
+            queue.append([_copied((args, kwargs), used), _rng_state()])
 
         def after(mod, args, kwargs, out, queue=queue):
-            queue[-1] += [_copied(out), _rng_state()]
+            queue[-1] += [_copied(out, used), _rng_state()]
         handles += [module.register_forward_pre_hook(before, prepend=True, with_kwargs=True),
                     module.register_forward_hook(after, with_kwargs=True)]
     try:
@@ -498,12 +499,22 @@ _OPAQUE = object()   # a recorded value that holds objects which could change la
 _PLAIN = (type(None), bool, int, float, complex, str, slice, torch.dtype, torch.device)
 
 
-def _copied(value: Any) -> Any:
+# The most the batch check holds in copies of block calls: a big model routed on the CPU
+# (a 12B Flux at 1024 px) would otherwise copy tens of GB; past it, blocks run again.
+RECORD_BYTES = 1 << 30
+
+
+def _copied(value: Any, used: list[int]) -> Any:
     """``value`` with its tensors cloned, or _OPAQUE if it holds anything but tensors and
-    plain values (an object pytree does not open could be changed in place later)."""
+    plain values (an object pytree does not open could be changed in place later) or the
+    copies would take ``used[0]`` past RECORD_BYTES."""
     leaves, spec = pytree.tree_flatten(value)
     if not all(isinstance(v, (torch.Tensor, *_PLAIN)) for v in leaves):
         return _OPAQUE
+    size = sum(v.nbytes for v in leaves if isinstance(v, torch.Tensor))
+    if used[0] + size > RECORD_BYTES:
+        return _OPAQUE
+    used[0] += size
     return pytree.tree_unflatten([v.clone() if isinstance(v, torch.Tensor) else v
                                   for v in leaves], spec)
 
