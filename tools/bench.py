@@ -251,12 +251,6 @@ def _saved_bytes(run: Callable[[], torch.Tensor], params) -> int:
     return sum(storages.values())
 
 
-def _flops(run: Callable[[], torch.Tensor]) -> int:
-    with bench_profile.flop_counter() as counter:
-        run().backward()
-    return counter.get_total_flops()
-
-
 def run(args: argparse.Namespace, model: str | None = None, routes: str | None = None,
         compile_mode: str | None = None, check: bool = True) -> dict:
     """Measure one configuration (``--model``, ``--routes``, ``--compile`` unless given);
@@ -317,10 +311,11 @@ def run(args: argparse.Namespace, model: str | None = None, routes: str | None =
             return torch.nn.functional.mse_loss(out[:, : target.shape[1]].float(), target)
 
     status("  counting FLOPs and saved activations of one forward + backward ...")
-    flops = {name: _flops(lambda fn=fn: loss_of(fn)) for name, fn in models.items()}
+    flops_by_kind = {name: bench_profile.flops_by_kind(lambda fn=fn: loss_of(fn))
+                     for name, fn in models.items()}
+    flops = {name: sum(kinds.values()) for name, kinds in flops_by_kind.items()}
     saved = {name: _saved_bytes(lambda fn=fn: loss_of(fn), params[name])
              for name, fn in models.items()}
-    flop_models = dict(models)   # uncompiled: the FLOP counter sees the aten operators
     if compile_mode == "full":
         models = {name: torch.compile(fn) for name, fn in models.items()}
     elif compile_mode == "blocks":
@@ -380,9 +375,7 @@ def run(args: argparse.Namespace, model: str | None = None, routes: str | None =
             loss_of(models[name]).backward()
 
         profiled = {"seconds": bench_profile.profile_steps(
-            {n: lambda n=n: fwd_bwd(n) for n in names}, device),
-            "flops": {n: bench_profile.flops_by_kind(lambda fn=fn: loss_of(fn))
-                      for n, fn in flop_models.items()}}
+            {n: lambda n=n: fwd_bwd(n) for n in names}, device), "flops": flops_by_kind}
     med = {n: statistics.median(v) for n, v in times.items()}
     step_med = {n: statistics.median(v) for n, v in steps.items()}
     flop_ratio = float(flops["routed"]) / float(flops["dense"])

@@ -107,14 +107,15 @@ def flop_counter() -> FlopCounterMode:
     return FlopCounterMode(display=False, custom_mapping=mapping)
 
 
-def flops_by_kind(run: Callable[[], torch.Tensor]) -> dict[str, float]:
-    """FLOPs of one forward + backward by kind (matmul, attention)."""
+def flops_by_kind(run: Callable[[], torch.Tensor]) -> dict[str, int]:
+    """FLOPs of one forward + backward by kind (matmul, attention); they sum to the
+    counter's total."""
     with flop_counter() as counter:
         run().backward()
-    kinds: dict[str, float] = {}
+    kinds: dict[str, int] = {}
     for op, flops in counter.get_flop_counts().get("Global", {}).items():
         kind = kind_of(f"aten::{getattr(op, '__name__', str(op))}")
-        kinds[kind] = kinds.get(kind, 0.0) + float(flops)
+        kinds[kind] = kinds.get(kind, 0) + int(flops)
     return kinds
 
 
