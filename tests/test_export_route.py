@@ -158,8 +158,8 @@ def test_batch_check_runs_the_blocks_once_per_mode():
 def test_batch_check_past_its_memory_budget_runs_the_blocks_again(monkeypatch):
     """Copies of block calls stop at RECORD_BYTES (a big model routed on the CPU); the
     check then runs every block itself, and still grants the free batch dim."""
-    from tread_fx import api
-    monkeypatch.setattr(api, "RECORD_BYTES", 0)
+    from tread_fx import replay
+    monkeypatch.setattr(replay, "RECORD_BYTES", 0)
     model = Stack().train()
     CALLS.clear()
     routed = tread_fx.route(model, "1:2@0.5", example_inputs=(torch.randn(4, 6, 8),),

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import copy
-from collections import deque
 from dataclasses import replace
 from contextlib import contextmanager
 from typing import Any, Iterator, Mapping, Sequence
 
 import torch
-import torch.utils._pytree as pytree
 from torch import fx, nn
 
 from tread_fx.passes.find_blocks import (BlockChain, NoBlocksFound, find_block_chain,
@@ -23,6 +21,7 @@ from tread_fx.passes.trace import (Traced, _Bound, bind_inputs, frozen_state, mo
                                    preserved_attributes, trace_modes)
 
 from .module import TreadGraphModule, _compile_graph
+from . import replay
 from .runtime import TokenSelector
 from .spec import RouteSpec, parse_spec
 
@@ -179,7 +178,7 @@ def _route_graphs(model: nn.Module, spec: RouteSpec, traced: Traced, chain: Bloc
     """Insert the spec's routes into each traced graph; per mode (graph, args, inside,
     dense shapes, value guards).  Constants get ``prefix`` in their names.  Also returns
     the train-mode run of the model at one more sample that probed the blocks, recorded
-    for the batch check when it will run (see :func:`_model_run`), else None."""
+    for the batch check when it will run (see :func:`tread_fx.replay.model_run`), else None."""
     graphs = traced.graphs
     for g in graphs.values():   # constants live under _tread in the routed module
         for node in g.nodes:
@@ -193,9 +192,9 @@ def _route_graphs(model: nn.Module, spec: RouteSpec, traced: Traced, chain: Bloc
         with frozen_state(model):
             model.train(True)
             torch.manual_seed(0)   # as the batch check seeds its run of the model
-            with _recorded_calls(model, record) as calls:
+            with replay.recorded_calls(model, record) as calls:
                 other_batch, _ = probe_block_io(model, (), dict(call), chain.targets)
-            run = (_flags(model), calls) if record else None
+            run = (replay.flags(model), calls) if record else None
     built = {}
     for mode, g in graphs.items():
         args = None if call is None else _graph_args(g, call)
@@ -374,7 +373,7 @@ def _serves_another_batch(routed: TreadGraphModule, model: nn.Module, call: dict
     model in the same mode, before it is trusted for other batch sizes.  The modules the
     graph calls (the blocks) are the model's own: a call of one with the model's arguments
     and random state gets the model's output back instead of computing it again.
-    ``earlier``: a run of the model recorded before (:func:`_model_run`)."""
+    ``earlier``: a run of the model recorded before (:func:`tread_fx.replay.model_run`)."""
     from tread_fx.passes.token_axes import _grow_batch
     first = next(v for v in call.values() if isinstance(v, torch.Tensor))
     grown = {k: _grow_batch(v, first.shape[0]) for k, v in call.items()}
@@ -392,9 +391,9 @@ def _serves_another_batch(routed: TreadGraphModule, model: nn.Module, call: dict
                     return False
                 modules = _called_modules(variant.graph, model)
                 torch.manual_seed(0)
-                ref, calls = _model_run(model, grown, modules, earlier)
+                ref, calls = replay.model_run(model, grown, modules, earlier)
                 forward, _ = _compile_graph(variant.graph, "<tread_fx batch check>",
-                                           _replaying(calls), modules)
+                                           replay.replaying(calls), modules)
                 torch.manual_seed(0)
                 out = forward(routed, *variant.args(grown))
                 if not _outputs_equal(out, ref):
@@ -419,120 +418,6 @@ def _called_modules(graph: fx.Graph, model: nn.Module) -> list[str]:
         return []
     return sorted({n.target for n in graph.nodes
                    if n.op == "call_module" and not n.target.startswith("_tread.")})
-
-
-def _flags(model: nn.Module) -> tuple[bool, ...]:
-    return tuple(m.training for m in model.modules())
-
-
-def _model_run(model: nn.Module, grown: dict[str, Any], modules: Sequence[str],
-               earlier=None) -> tuple[Any, dict[int, deque]]:
-    """``model(**grown)`` and its calls of ``modules`` (:func:`_recorded_calls`).  Taken
-    from ``earlier`` = (training flags, calls recorded with the root "" among the
-    modules) where that recorded this very run: the same flags, inputs and random state."""
-    if earlier is not None and earlier[0] == _flags(model):
-        root = earlier[1].get(id(model), ())
-        if len(root) == 1 and len(root[0]) == 4:
-            inputs, before, out, _ = root[0]
-            if out is not _OPAQUE and _same(inputs, ((), grown)) and \
-                    _same(_rng_state(), before):
-                return out, earlier[1]
-    with _recorded_calls(model, modules) as calls:
-        return model(**grown), calls
-
-
-def _rng_state() -> list[torch.Tensor]:
-    """The CPU random state, and each CUDA device's once CUDA is in use."""
-    return [torch.get_rng_state(), *(torch.cuda.get_rng_state_all()
-                                     if torch.cuda.is_initialized() else ())]
-
-
-def _set_rng_state(states: list[torch.Tensor]) -> None:
-    torch.set_rng_state(states[0])
-    if len(states) > 1:
-        torch.cuda.set_rng_state_all(states[1:])
-
-
-def _same(a: Any, b: Any) -> bool:
-    """Equal values: tensors of one dtype, device and shape with equal elements, lists,
-    tuples and dicts item by item, anything else by ``==``."""
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and \
-            (a.dtype, a.device, a.shape) == (b.dtype, b.device, b.shape) and torch.equal(a, b)
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return isinstance(a, list) == isinstance(b, list) and len(a) == len(b) and \
-            all(map(_same, a, b))
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    try:
-        return type(a) is type(b) and bool(a == b)
-    except Exception:  # noqa: BLE001 - values that cannot be compared are not the same
-        return a is b
-
-
-@contextmanager
-def _recorded_calls(model: nn.Module, targets: Sequence[str]) -> Iterator[dict[int, deque]]:
-    """Every call of the modules ``targets`` while the context runs, per module (by id) in
-    call order: [arguments, random state, output, random state after], as the caller
-    passed and got them (copies, so later in-place writes do not change them); past
-    RECORD_BYTES of copies, calls are recorded as _OPAQUE (run again, not replayed)."""
-    calls: dict[int, deque] = {}
-    handles, used = [], [0]
-    for module in {id(m): m for m in map(model.get_submodule, targets)}.values():
-        queue = calls[id(module)] = deque()
-
-        def before(mod, args, kwargs, queue=queue):
-            queue.append([_copied((args, kwargs), used), _rng_state()])
-
-        def after(mod, args, kwargs, out, queue=queue):
-            queue[-1] += [_copied(out, used), _rng_state()]
-        handles += [module.register_forward_pre_hook(before, prepend=True, with_kwargs=True),
-                    module.register_forward_hook(after, with_kwargs=True)]
-    try:
-        yield calls
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-_OPAQUE = object()   # a recorded value that holds objects which could change later
-_PLAIN = (type(None), bool, int, float, complex, str, slice, torch.dtype, torch.device)
-
-
-# The most the batch check holds in copies of block calls: a big model routed on the CPU
-# (a 12B Flux at 1024 px) would otherwise copy tens of GB; past it, blocks run again.
-RECORD_BYTES = 1 << 30
-
-
-def _copied(value: Any, used: list[int]) -> Any:
-    """``value`` with its tensors cloned, or _OPAQUE if it holds anything but tensors and
-    plain values (an object pytree does not open could be changed in place later) or the
-    copies would take ``used[0]`` past RECORD_BYTES."""
-    leaves, spec = pytree.tree_flatten(value)
-    if not all(isinstance(v, (torch.Tensor, *_PLAIN)) for v in leaves):
-        return _OPAQUE
-    size = sum(v.nbytes for v in leaves if isinstance(v, torch.Tensor))
-    if used[0] + size > RECORD_BYTES:
-        return _OPAQUE
-    used[0] += size
-    return pytree.tree_unflatten([v.clone() if isinstance(v, torch.Tensor) else v
-                                  for v in leaves], spec)
-
-
-def _replaying(calls: dict[int, deque]):
-    """A module caller that answers each call from the next one ``calls`` recorded for the
-    module when its arguments and the random state are the same (the module computes the
-    same output from them); any other call runs the module."""
-    def call(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        queue = calls.get(id(module))
-        if queue:
-            inputs, before, *result = queue.popleft()   # no result: the call raised
-            if result and result[0] is not _OPAQUE and _same((args, kwargs), inputs) and \
-                    _same(_rng_state(), before):
-                _set_rng_state(result[1])
-                return result[0]
-        return module(*args, **kwargs)
-    return call
 
 
 def _exact_shapes(call: dict[str, Any], check):
