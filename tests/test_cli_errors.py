@@ -94,6 +94,7 @@ def test_a_ratio_that_routes_no_token_is_refused_before_building_the_model(tmp_p
     ("bench", ["--steps", "0"], "--steps must be >= 1"),
     ("bench", ["--model", "DiT-S/8", "--input-size", "30"], "not divisible by patch size 8"),
     ("bench", ["--device", "nowhere"], "--device nowhere: not a device"),
+    ("bench", ["--compile-mode", "reduce-overhead"], "needs --compile full or --compile blocks"),
     pytest.param("bench", ["--device", "cuda"], "CUDA is not available",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="has CUDA")),
 ])

@@ -98,8 +98,9 @@ def test_compile_blocks_compiles_the_chain_once_per_token_count_and_leaves_the_m
     for _ in range(4):
         out, expected = routed(x, t, y), eager(x, t, y)
         torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
-    # six blocks, one compiled function: the full token count and the kept count
-    assert counter.frame_count == 2
+    # six blocks, one compiled function, static shapes: the full token count in the patch
+    # embedder's transposed layout (block 0), the kept count, the full count contiguous
+    assert counter.frame_count == 3
     params = [p for p in model.parameters() if p.requires_grad]
     grads = torch.autograd.grad(routed(x, t, y).square().mean(), params)
     expected = torch.autograd.grad(eager(x, t, y).square().mean(), params)
@@ -114,11 +115,42 @@ def test_compile_blocks_compiles_the_chain_once_per_token_count_and_leaves_the_m
     with torch.no_grad():
         torch.testing.assert_close(routed(x, t, y), model.eval()(x, t, y),
                                    rtol=1e-5, atol=1e-6)
-    assert counter.frame_count == 3
+    assert counter.frame_count == 4          # no_grad: one more graph, for every block
     # a copy calls its own blocks through the compiled function too
     clone = copy.deepcopy(routed).train()
     clone(x, t, y)
-    assert counter.frame_count == 3
+    assert counter.frame_count == 4
+
+
+def _symbolic_inputs(graph: torch.fx.GraphModule) -> list[str]:
+    """Placeholders of a dynamo graph that are sizes, or tensors with a symbolic size."""
+    out = []
+    for node in graph.graph.nodes:
+        value = node.meta.get("example_value")
+        if node.op == "placeholder" and (
+                isinstance(value, torch.SymInt) or isinstance(value, torch.Tensor)
+                and any(isinstance(d, torch.SymInt) for d in value.shape)):
+            out.append(node.name)
+    return out
+
+
+@pytest.mark.parametrize("dynamic", ["default", None])
+def test_compile_blocks_gives_the_kept_token_count_a_static_graph(dynamic):
+    # by default both token counts get static shapes, like the dense model's blocks; torch's
+    # automatic dynamic shapes (dynamic=None) would compile the kept count symbolically
+    torch._dynamo.reset()
+    routed = tread_fx.route(tiny_dit(depth=6), "1:3@0.5").train()
+    counter = _counter()
+    options = {} if dynamic == "default" else {"dynamic": dynamic}
+    tread_fx.compile_blocks(routed, backend=counter, **options)
+    x, t, y = dit_inputs(batch=2)
+    for _ in range(2):
+        routed(x, t, y).square().mean().backward()
+    symbolic = [_symbolic_inputs(g) for g in counter.graphs]
+    if dynamic == "default":   # embedder's layout, kept count, full count after the route
+        assert symbolic == [[], [], []]
+    else:                      # the second graph serves the other two, symbolically
+        assert len(symbolic) == 2 and symbolic[0] == [] and symbolic[1]
 
 
 def test_compile_blocks_refuses_a_model_that_is_not_routed():

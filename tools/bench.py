@@ -52,6 +52,10 @@ __all__ = ["MODELS", "SUITE", "add_arguments", "check_arguments", "main", "run",
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 COMPILE = ("none", "full", "blocks")
+# torch.compile's modes; the CUDA-graph ones replay each compiled graph's kernels without
+# launching them one by one from Python
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 # a diffusers model at DiT-S/2's size: SD3's joint text/image blocks, 12 of them, width 384
 SD3_S2 = dict(patch_size=2, in_channels=4, num_layers=12, attention_head_dim=64,
               num_attention_heads=6, joint_attention_dim=256, caption_projection_dim=384,
@@ -76,6 +80,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", default="none", choices=COMPILE,
                    help="none: eager; full: torch.compile(model); blocks: every block "
                         "compiled (tread_fx.compile_blocks for the routed model)")
+    p.add_argument("--compile-mode", default="default", choices=COMPILE_MODES,
+                   help="torch.compile's mode for --compile full or blocks "
+                        "(reduce-overhead: CUDA graphs on a GPU)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES),
                    help="fp32, or bf16/fp16 autocast")
@@ -202,6 +209,9 @@ def check_arguments(args: argparse.Namespace) -> None:
                          f"use --device cpu")
     if device.type not in ("cpu", "cuda"):
         raise UsageError(f"--device {args.device}: the bench runs on cpu or cuda")
+    mode = getattr(args, "compile_mode", "default")
+    if mode != "default" and args.compile == "none" and not args.suite:
+        raise UsageError(f"--compile-mode {mode} needs --compile full or --compile blocks")
     for model, routes, _ in _configs(args):
         if model.startswith("diffusers-"):
             try:
@@ -310,21 +320,36 @@ def run(args: argparse.Namespace, model: str | None = None, routes: str | None =
             out = bench.output(fn(*call_args, **call_kwargs))
             return torch.nn.functional.mse_loss(out[:, : target.shape[1]].float(), target)
 
+    # A routed model traced for other inputs traces a graph on its first call under a new
+    # key (autocast after fp32 examples, another shape); its ops are not the step's.
+    status("  one forward + backward of each model first ...")
+    first_s = {}
+    for name, fn in models.items():
+        begin = time.perf_counter()
+        loss_of(fn).backward()
+        first_s[name] = time.perf_counter() - begin
     status("  counting FLOPs and saved activations of one forward + backward ...")
     flops_by_kind = {name: bench_profile.flops_by_kind(lambda fn=fn: loss_of(fn))
                      for name, fn in models.items()}
     flops = {name: sum(kinds.values()) for name, kinds in flops_by_kind.items()}
     saved = {name: _saved_bytes(lambda fn=fn: loss_of(fn), params[name])
              for name, fn in models.items()}
+    mode = getattr(args, "compile_mode", "default")
+    options = {} if mode == "default" else {"mode": mode}
     if compile_mode == "full":
-        models = {name: torch.compile(fn) for name, fn in models.items()}
+        models = {name: torch.compile(fn, **options) for name, fn in models.items()}
     elif compile_mode == "blocks":
+        # static shapes for every block, as compile_blocks does by default: the hand-written
+        # route's blocks would otherwise compile the kept token count symbolically
         for block in _blocks(dense):
-            block.compile()
-        tread_fx.compile_blocks(routed)
+            block.compile(dynamic=False, **options)
+        tread_fx.compile_blocks(routed, **options)
         if "hand-written" in models:
             for block in hand_model.blocks:
-                block.compile()
+                block.compile(dynamic=False, **options)
+    # CUDA graphs reuse their output memory: each step tells them a new step begins
+    graphed = compile_mode != "none" and cuda and mode in CUDA_GRAPH_MODES
+    new_step = torch.compiler.cudagraph_mark_step_begin if graphed else (lambda: None)
     opts = {name: torch.optim.AdamW(p, lr=1e-4) for name, p in params.items()}
 
     def sync() -> None:
@@ -335,6 +360,7 @@ def run(args: argparse.Namespace, model: str | None = None, routes: str | None =
         """(forward + backward, whole step with AdamW) seconds."""
         sync()
         begin = time.perf_counter()
+        new_step()
         opts[name].zero_grad(set_to_none=True)
         loss_of(models[name]).backward()
         sync()
@@ -371,6 +397,7 @@ def run(args: argparse.Namespace, model: str | None = None, routes: str | None =
         status("  profiling forward + backward of each model ...")
 
         def fwd_bwd(name: str) -> None:
+            new_step()
             opts[name].zero_grad(set_to_none=True)
             loss_of(models[name]).backward()
 
@@ -384,7 +411,8 @@ def run(args: argparse.Namespace, model: str | None = None, routes: str | None =
     mb = lambda v: None if v is None else float(v) / 2**20  # noqa: E731
     return {
         "model": model, "tokens": bench.tokens, "batch": args.batch, "routes": routes,
-        "compile": compile_mode, "device": str(device), "dtype": args.dtype,
+        "compile": compile_mode if mode == "default" else f"{compile_mode} ({mode})",
+        "device": str(device), "dtype": args.dtype,
         "device_name": torch.cuda.get_device_name(device) if cuda else "cpu",
         "threads": torch.get_num_threads(), "steps": args.steps,
         "fp32_after_route": args.fp32_after_route,
@@ -400,7 +428,7 @@ def run(args: argparse.Namespace, model: str | None = None, routes: str | None =
         "overhead_vs_hand": None if hand is None else med["routed"] / hand - 1,
         "dense_saved_mb": mb(saved["dense"]), "routed_saved_mb": mb(saved["routed"]),
         "dense_peak_mb": mb(peak["dense"]), "routed_peak_mb": mb(peak["routed"]),
-        "route_s": route_s, "profile": profiled,
+        "route_s": route_s, "first_call_s": first_s, "profile": profiled,
     }
 
 

@@ -56,11 +56,18 @@ def compile_blocks(routed: nn.Module, **compile_options: Any) -> nn.Module:
     was routed from is not).
 
     ``compile_options`` go to :func:`torch.compile` (``backend``, ``mode``, ``dynamic``,
-    ``fullgraph``, ``options``).  Copies of ``routed`` (``copy.deepcopy``, data-parallel
-    replicas) keep calling their blocks through a compiled function.
+    ``fullgraph``, ``options``).  ``dynamic`` defaults to ``False``: each token count gets a
+    graph of static shapes, as each block of the dense model would.  Under torch's default
+    (``dynamic=None``) the second token count, the kept one, would be compiled with a
+    symbolic token axis, so the routed blocks would run generic kernels the dense blocks do
+    not.  Pass ``dynamic=None`` or ``True`` when the blocks see many token counts
+    (multi-resolution training: two per resolution, and dynamo's recompile limit applies).
+    Copies of ``routed`` (``copy.deepcopy``, data-parallel replicas) keep calling their
+    blocks through a compiled function.
     """
     from .api import _require_routed
     routed = _require_routed(routed, "compile_blocks")
+    compile_options = {"dynamic": False, **compile_options}
     compiled = torch.compile(call_block, **compile_options)
 
     def call_compiled_block(block: nn.Module, *args: Any, **kwargs: Any) -> Any:
