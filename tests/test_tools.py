@@ -71,3 +71,14 @@ def test_cli_bench_reports_ratios(capsys):
     assert result["hand_gflop"] == result["routed_gflop"] and result["hand_fwd_bwd_s"] > 0
     # activations saved for backward shrink with the kept tokens
     assert result["routed_saved_mb"] < 0.95 * result["dense_saved_mb"]
+
+
+def test_cli_bench_counts_flops_after_a_routed_models_first_autocast_call(capsys):
+    # the exported SD3 is routed on fp32 examples; its first bf16 autocast call traces a
+    # graph for that key, whose (symbolic) ops the FLOP counter must not count as the step's
+    assert main(["bench", "--model", "diffusers-SD3-S/2", "--input-size", "8", "--batch", "1",
+                 "--steps", "1", "--warmup", "0", "--dtype", "bf16", "--json",
+                 "--no-progress"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert 0.5 < result["flop_ratio"] < 0.95
+    assert result["first_call_s"]["routed"] > 0
