@@ -383,7 +383,7 @@ def run(args: argparse.Namespace, model: str | None = None, routes: str | None =
                 torch.cuda.reset_peak_memory_stats(device)
                 before = torch.cuda.memory_allocated(device)
             took[name] = step(name)
-            if cuda and i == args.warmup:
+            if cuda and i == args.warmup and not graphed:   # CUDA graphs: pool allocated
                 peak[name] = torch.cuda.max_memory_allocated(device) - before
             if i >= args.warmup:
                 times[name].append(took[name][0])
