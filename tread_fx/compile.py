@@ -4,9 +4,9 @@
     tread_fx.compile_blocks(routed)             # like diffusers' compile_repeated_blocks
 
 The blocks of a chain share their code, so one compiled function serves all of them (the
-parameters are inputs of the compiled graph, not constants): a chain compiles once for the
-full token count and once for the kept count of the routes, however deep it is, in
-seconds where ``torch.compile(routed)`` compiles the whole model.  What runs between the
+parameters are inputs of the compiled graph, not constants): a chain compiles once per
+token count (full, kept) and input layout, however deep it is, in seconds where
+``torch.compile(routed)`` compiles the whole model.  What runs between the
 blocks (the selection, gathers and scatters, embedders, the final layer) stays eager.
 
 The model's own modules are not compiled in place (``block.compile()`` would change the
