@@ -177,3 +177,33 @@ def test_exported_diffusers_models_compile_fullgraph_once(name):
         torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
         out.square().mean().backward()
     assert counter.frame_count == 1 and _compiled_graphs() == 1
+
+
+def test_compile_blocks_gives_each_block_class_its_own_recompile_budget():
+    # Flux's chain has two block classes, each compiled at every token count and input
+    # layout, train and eval: under one shared code object dynamo's recompile limit (8) was
+    # hit after a ratio change and the blocks ran eagerly from then on
+    pytest.importorskip("diffusers")
+    from tread_fx.tools import diffusers_zoo as zoo
+    case = next(c for c in zoo.CASES if c["name"] == "FluxTransformer2DModel")
+    model, inputs = zoo.build(case)
+    routed = tread_fx.route(model, "1:-2@0.5", example_inputs=inputs).train()
+    eager = copy.deepcopy(routed)
+    torch._dynamo.reset()
+    counter = _counter()
+    tread_fx.compile_blocks(routed, backend=counter)
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        for seed in range(2):
+            torch.manual_seed(seed)
+            out = routed(**inputs)[0]
+            torch.manual_seed(seed)
+            torch.testing.assert_close(out, eager(**inputs)[0], rtol=1e-5, atol=1e-6)
+            out.square().mean().backward()
+        with tread_fx.routing(routed, 0.25):          # another kept count
+            routed(**inputs)[0].square().mean().backward()
+        routed.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(routed(**inputs)[0], model.eval()(**inputs)[0],
+                                       rtol=1e-5, atol=1e-6)
+    # more graphs than one code object may have: shared, the limit would have been hit
+    assert counter.frame_count > torch._dynamo.config.recompile_limit

@@ -3,10 +3,10 @@
     routed = tread_fx.route(model, "2:8@0.5")
     tread_fx.compile_blocks(routed)             # like diffusers' compile_repeated_blocks
 
-The blocks of a chain share their code, so one compiled function serves all of them (the
-parameters are inputs of the compiled graph, not constants): a chain compiles once per
-token count (full, kept) and input layout, however deep it is, in seconds where
-``torch.compile(routed)`` compiles the whole model.  What runs between the
+The blocks of a chain share their code, so one compiled function serves all blocks of a
+class (the parameters are inputs of the compiled graph, not constants): a chain compiles
+once per block class, token count (full, kept) and input layout, however deep it is, in
+seconds where ``torch.compile(routed)`` compiles the whole model.  What runs between the
 blocks (the selection, gathers and scatters, embedders, the final layer) stays eager.
 
 The model's own modules are not compiled in place (``block.compile()`` would change the
@@ -16,6 +16,7 @@ compiled function instead, in every graph it has and every one it traces later.
 
 from __future__ import annotations
 
+import types
 from typing import Any, Callable, Sequence
 
 import torch
@@ -27,6 +28,16 @@ __all__ = ["call_block", "blocks_called_through", "compile_blocks"]
 def call_block(block: nn.Module, *args: Any, **kwargs: Any) -> Any:
     """What the compiled function runs: the block, called as the graph calls it."""
     return block(*args, **kwargs)
+
+
+def _call_block_of(cls: type) -> Callable:
+    """:func:`call_block` with a code object of its own for blocks of class ``cls``.
+    Dynamo keeps its compiled graphs, and counts them against its recompile limit (8), per
+    code object: Flux's two block classes, each at two token counts and a few input
+    layouts, train and eval, would share one limit and run the last blocks eagerly."""
+    code = call_block.__code__.replace(co_name=f"call_{cls.__name__}",
+                                       co_qualname=f"call_{cls.__name__}")
+    return types.FunctionType(code, call_block.__globals__, code.co_name)
 
 
 def blocks_called_through(graph: fx.Graph, targets: Sequence[str],
@@ -52,7 +63,7 @@ def blocks_called_through(graph: fx.Graph, targets: Sequence[str],
 
 def compile_blocks(routed: nn.Module, **compile_options: Any) -> nn.Module:
     """Compile the blocks of a routed model with ``torch.compile(**compile_options)``, one
-    compiled function for all of them; returns ``routed`` (changed in place; the model it
+    compiled function per block class (Flux: two); returns ``routed`` (changed in place; the model it
     was routed from is not).
 
     ``compile_options`` go to :func:`torch.compile` (``backend``, ``mode``, ``dynamic``,
@@ -68,10 +79,14 @@ def compile_blocks(routed: nn.Module, **compile_options: Any) -> nn.Module:
     from .api import _require_routed
     routed = _require_routed(routed, "compile_blocks")
     compile_options = {"dynamic": False, **compile_options}
-    compiled = torch.compile(call_block, **compile_options)
+    compiled: dict[type, Callable] = {}
 
     def call_compiled_block(block: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        return compiled(block, *args, **kwargs)
+        fn = compiled.get(type(block))
+        if fn is None:
+            fn = compiled[type(block)] = torch.compile(_call_block_of(type(block)),
+                                                       **compile_options)
+        return fn(block, *args, **kwargs)
 
     routed._call_blocks_through(call_compiled_block, compile_options)
     return routed
