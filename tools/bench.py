@@ -298,6 +298,10 @@ def run(args: argparse.Namespace, model: str | None = None, routes: str | None =
         m.load_state_dict(dense.state_dict())
         return m.train()
 
+    if cuda:   # CUDA's one-time start-up (context, cuBLAS, attention kernels) is not route()'s
+        with torch.no_grad():
+            dense(*call_args, **call_kwargs)
+        torch.cuda.synchronize(device)
     status("  routing ...")
     twin_model = twin()
     start = time.perf_counter()
@@ -334,7 +338,7 @@ def run(args: argparse.Namespace, model: str | None = None, routes: str | None =
     flops = {name: sum(kinds.values()) for name, kinds in flops_by_kind.items()}
     saved = {name: _saved_bytes(lambda fn=fn: loss_of(fn), params[name])
              for name, fn in models.items()}
-    mode = getattr(args, "compile_mode", "default")
+    mode = getattr(args, "compile_mode", "default") if compile_mode != "none" else "default"
     options = {} if mode == "default" else {"mode": mode}
     if compile_mode == "full":
         models = {name: torch.compile(fn, **options) for name, fn in models.items()}
