@@ -25,7 +25,7 @@ def test_summary_and_dot_show_the_inserted_nodes():
 
 
 def test_cli_bench_profile_splits_the_time_by_kind(capsys):
-    from tread_fx.tools.bench_profile import KINDS, OTHER, kind_of
+    from tread_fx.tools.bench_profile import KINDS, OTHER, busy_speedup, kind_of, report
 
     assert main(["bench", "--model", "DiT-S/8", "--input-size", "32", "--batch", "2",
                  "--steps", "1", "--warmup", "0", "--routes", "1:8@0.5", "--profile",
@@ -40,6 +40,13 @@ def test_cli_bench_profile_splits_the_time_by_kind(capsys):
     assert profile["seconds"]["routed"]["routing"] > profile["seconds"]["dense"]["routing"]
     flops = profile["flops"]
     assert 0.3 < flops["routed"]["matmul"] / flops["dense"]["matmul"] < 0.95
+    # the operators' own speed-up against the FLOP prediction, and how busy each model kept
+    # the device, printed under the table
+    text = report(profile["seconds"], flops)
+    speedup, ratio = busy_speedup(profile["seconds"], {n: sum(k.values())
+                                                        for n, k in flops.items()})
+    assert ratio < 0.95 and f"dense / routed {speedup:.2f}x = {speedup * ratio:.2f} of " \
+        "predicted" in text and "busy (operators / wall): dense " in text
     assert flops["routed"]["matmul"] == flops["hand-written"]["matmul"]
     # attention is counted on CPU too, and shrinks with the square of the kept tokens
     assert flops["routed"]["attention"] / flops["dense"]["attention"] < \

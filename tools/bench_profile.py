@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
-__all__ = ["KINDS", "flop_counter", "flops_by_kind", "kind_of", "profile_steps", "report"]
+__all__ = ["KINDS", "busy_speedup", "flop_counter", "flops_by_kind", "kind_of", "profile_steps", "report"]
 
 # (kind, substrings of aten operator or CUDA kernel names), first match wins
 KINDS = (
@@ -133,5 +133,20 @@ def report(times: dict[str, dict[str, float]], flops: dict[str, dict[str, float]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
              for r in rows]
+    total = {name: sum(kinds.values()) for name, kinds in flops.items()}
+    if total.get("dense") and total.get("routed") and times["routed"]["operators"] > 0:
+        speedup, ratio = busy_speedup(times, total)
+        lines.append(f"operator time: dense / routed {speedup:.2f}x = {speedup * ratio:.2f} of "
+                     f"predicted; busy (operators / wall): " + ", ".join(
+                         f"{n} {times[n]['operators'] / times[n]['wall']:.2f}" for n in names))
     return "\n".join(["where the time goes (torch.profiler; kernel time on CUDA, operator "
                       "self time on CPU):", *lines])
+
+
+def busy_speedup(times: dict[str, dict[str, float]], flops: dict[str, float]
+                 ) -> tuple[float, float]:
+    """(dense ÷ routed operator time, routed ÷ dense FLOPs): the speed-up routing gives the
+    device's own work, and the FLOP ratio it is measured against.  Where the measured
+    speed-up falls short of this one, the step waits on the host (launches, Python)."""
+    return (times["dense"]["operators"] / times["routed"]["operators"],
+            flops["routed"] / flops["dense"])
