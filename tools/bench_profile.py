@@ -19,7 +19,8 @@ from typing import Callable
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
-__all__ = ["KINDS", "busy_speedup", "flop_counter", "flops_by_kind", "kind_of", "profile_steps", "report"]
+__all__ = ["KINDS", "busy_speedup", "flop_counter", "flops_by_kind", "kind_of", "profile_steps",
+           "report"]
 
 # (kind, substrings of aten operator or CUDA kernel names), first match wins
 KINDS = (

@@ -63,8 +63,8 @@ def blocks_called_through(graph: fx.Graph, targets: Sequence[str],
 
 def compile_blocks(routed: nn.Module, **compile_options: Any) -> nn.Module:
     """Compile the blocks of a routed model with ``torch.compile(**compile_options)``, one
-    compiled function per block class (Flux: two); returns ``routed`` (changed in place; the model it
-    was routed from is not).
+    compiled function per block class (Flux: two); returns ``routed`` (changed in place;
+    the model it was routed from is not).
 
     ``compile_options`` go to :func:`torch.compile` (``backend``, ``mode``, ``dynamic``,
     ``fullgraph``, ``options``).  ``dynamic`` defaults to ``False``: each token count gets a
@@ -80,10 +80,12 @@ def compile_blocks(routed: nn.Module, **compile_options: Any) -> nn.Module:
     routed = _require_routed(routed, "compile_blocks")
     compile_options = {"dynamic": False, **compile_options}
     compiled: dict[type, Callable] = {}
+    for cls in {type(routed.get_submodule(t)) for t in routed.block_chain}:
+        compiled[cls] = torch.compile(_call_block_of(cls), **compile_options)
 
     def call_compiled_block(block: nn.Module, *args: Any, **kwargs: Any) -> Any:
         fn = compiled.get(type(block))
-        if fn is None:
+        if fn is None:   # a block replaced by one of another class after compile_blocks
             fn = compiled[type(block)] = torch.compile(_call_block_of(type(block)),
                                                        **compile_options)
         return fn(block, *args, **kwargs)
