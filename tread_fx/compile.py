@@ -71,8 +71,9 @@ def compile_blocks(routed: nn.Module, **compile_options: Any) -> nn.Module:
     graph of static shapes, as each block of the dense model would.  Under torch's default
     (``dynamic=None``) the second token count, the kept one, would be compiled with a
     symbolic token axis, so the routed blocks would run generic kernels the dense blocks do
-    not.  Pass ``dynamic=None`` or ``True`` when the blocks see many token counts
-    (multi-resolution training: two per resolution, and dynamo's recompile limit applies).
+    not.  Pass ``dynamic=None`` or ``True`` when the blocks see many shapes (resolutions,
+    batch sizes): past dynamo's recompile limit, 8 graphs per block class, they run
+    uncompiled.
     Copies of ``routed`` (``copy.deepcopy``, data-parallel replicas) keep calling their
     blocks through a compiled function.
     """
