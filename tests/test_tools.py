@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 import tread_fx
 from tread_fx.tools.cli import main
 from tread_fx.tools.inspect import route_nodes, summary, to_dot
@@ -80,12 +82,14 @@ def test_cli_bench_reports_ratios(capsys):
     assert result["routed_saved_mb"] < 0.95 * result["dense_saved_mb"]
 
 
-def test_cli_bench_counts_flops_after_a_routed_models_first_autocast_call(capsys):
-    # the exported SD3 is routed on fp32 examples; its first bf16 autocast call traces a
-    # graph for that key, whose (symbolic) ops the FLOP counter must not count as the step's
+@pytest.mark.parametrize("inside", [False, True])
+def test_cli_bench_counts_flops_after_a_routed_models_first_autocast_call(capsys, inside):
+    # the exported SD3 routed on fp32 examples traces a graph for the bf16 autocast key on
+    # its first call, whose (symbolic) ops the FLOP counter must not count as the step's;
+    # routed inside the autocast, route() traced that graph already
     assert main(["bench", "--model", "diffusers-SD3-S/2", "--input-size", "8", "--batch", "1",
-                 "--steps", "1", "--warmup", "0", "--dtype", "bf16", "--json",
-                 "--no-progress"]) == 0
+                 "--steps", "1", "--warmup", "0", "--dtype", "bf16", "--json", "--no-progress"]
+                + (["--route-in-autocast"] if inside else [])) == 0
     result = json.loads(capsys.readouterr().out)
     assert 0.5 < result["flop_ratio"] < 0.95
-    assert result["first_call_s"]["routed"] > 0
+    assert result["retraces"] == (0 if inside else 1)

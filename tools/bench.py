@@ -88,6 +88,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="fp32, or bf16/fp16 autocast")
     p.add_argument("--fp32-after-route", action="store_true",
                    help="route with fp32_after_route=True")
+    p.add_argument("--route-in-autocast", action="store_true",
+                   help="call route() inside the --dtype autocast the models train under "
+                        "(an exported model then traces its autocast graph in route(), not "
+                        "on the first step)")
     p.add_argument("--suite", action="store_true",
                    help="run DiT-S/2, DiT-B/2 and diffusers-SD3-S/2, each eager and with "
                         "compiled blocks (--model, --routes and --compile are ignored), "
@@ -302,12 +306,15 @@ def run(args: argparse.Namespace, model: str | None = None, routes: str | None =
         with torch.no_grad():
             dense(*call_args, **call_kwargs)
         torch.cuda.synchronize(device)
+    autocast = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32
+                else nullcontext())
     status("  routing ...")
     twin_model = twin()
     start = time.perf_counter()
-    routed = tread_fx.route(twin_model, routes, fp32_after_route=args.fp32_after_route,
-                            example_inputs=None if bench.hand else (call_args, call_kwargs)
-                            if call_args else call_kwargs).train()
+    with autocast if getattr(args, "route_in_autocast", False) else nullcontext():
+        routed = tread_fx.route(twin_model, routes, fp32_after_route=args.fp32_after_route,
+                                example_inputs=None if bench.hand else
+                                (call_args, call_kwargs) if call_args else call_kwargs).train()
     route_s = time.perf_counter() - start
     dense.train()
     models: dict[str, Callable] = {"dense": dense, "routed": routed}
@@ -316,8 +323,6 @@ def run(args: argparse.Namespace, model: str | None = None, routes: str | None =
         hand_model = twin()
         models["hand-written"] = bench.hand(hand_model, spec.routes)
         params["hand-written"] = list(hand_model.parameters())
-    autocast = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32
-                else nullcontext())
 
     def loss_of(fn) -> torch.Tensor:
         with autocast:
@@ -432,7 +437,8 @@ def run(args: argparse.Namespace, model: str | None = None, routes: str | None =
         "overhead_vs_hand": None if hand is None else med["routed"] / hand - 1,
         "dense_saved_mb": mb(saved["dense"]), "routed_saved_mb": mb(saved["routed"]),
         "dense_peak_mb": mb(peak["dense"]), "routed_peak_mb": mb(peak["routed"]),
-        "route_s": route_s, "first_call_s": first_s, "profile": profiled,
+        "route_s": route_s, "first_call_s": first_s,
+        "retraces": getattr(routed, "retraces", 0), "profile": profiled,
     }
 
 
