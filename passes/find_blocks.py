@@ -20,7 +20,8 @@ from typing import Union
 import networkx as nx
 from torch import fx, nn
 
-__all__ = ["BlockChain", "CandidateGroup", "NoBlocksFound", "find_block_chain", "find_candidates"]
+__all__ = ["BlockChain", "CandidateGroup", "NoBlocksFound", "find_block_chain", "find_candidates",
+           "odd_siblings"]
 
 # Where a block receives the hidden state: a positional index or a keyword name.
 ArgKey = Union[int, str]
@@ -137,6 +138,22 @@ def find_candidates(model: nn.Module, container: str | None = None) -> list[Cand
             grouped.add(name)
     return [g for g in groups
             if not any(g.names[0].startswith(m + ".") for m in grouped)]
+
+
+def odd_siblings(model: nn.Module, groups: list[CandidateGroup]) -> list[str]:
+    """Modules of a group's class beside its members that are in no group, because their
+    parameters differ (SD3's last block has no context feed-forward).  They are traced as
+    leaves too, not inlined, so that ``compile_blocks`` can compile every block of the
+    class, as diffusers' ``compile_repeated_blocks`` does.  They never join a chain."""
+    grouped = {n for g in groups for n in g.names}
+    odd = []
+    for g in groups:
+        parent = model.get_submodule(g.parent) if g.parent else model
+        for name, child in parent.named_children():
+            qual = f"{g.parent}.{name}" if g.parent else name
+            if type(child) is g.cls and qual not in grouped and qual not in odd:
+                odd.append(qual)
+    return odd
 
 
 def _arg_keys(node: fx.Node, value: fx.Node, names: list[str]) -> list[tuple[ArgKey, str]]:

@@ -11,7 +11,7 @@ import torch
 from torch import fx, nn
 
 from tread_fx.passes.find_blocks import (BlockChain, NoBlocksFound, find_block_chain,
-                                         find_candidates)
+                                         find_candidates, odd_siblings)
 from tread_fx.passes.insert_routes import insert_routes
 from tread_fx.passes.fp32_after_routes import fp32_after_routes
 from tread_fx.passes.check_routes import check_routes
@@ -116,7 +116,8 @@ def _graphs_of(model: nn.Module, spec: RouteSpec, example_inputs: Any, modes=Non
         traced = None
     groups = find_candidates(model, spec.blocks)
     if traced is None:
-        leaves = [model.get_submodule(n) for g in groups for n in g.names]
+        names = [n for g in groups for n in g.names] + odd_siblings(model, groups)
+        leaves = [model.get_submodule(n) for n in names]
         traced = trace_modes(model, leaves, example_inputs, modes, front_end, dynamic)
     chain = find_block_chain(next(iter(traced.graphs.values())), groups, spec.hidden, model)
     _check_chain(chain, groups, traced.graphs, spec.hidden, model)

@@ -178,8 +178,16 @@ class TreadGraphModule(fx.GraphModule):
 
     def _forward_of(self, graph: fx.Graph, mode: str):
         return _compile_graph(graph, f"<tread_fx {mode} graph of {type(self).__name__}>",
-                              self.__dict__.get("_block_call"),
-                              self.__dict__.get("block_chain", ()))
+                              self.__dict__.get("_block_call"), self._blocks_in(graph))
+
+    def _blocks_in(self, graph: fx.Graph) -> list[str]:
+        """The chain's blocks and every other module of their classes that ``graph`` calls
+        (SD3's last block, outside the chain): ``compile_blocks`` compiles them all."""
+        chain = list(self.__dict__.get("block_chain", ()))
+        classes = {type(self.get_submodule(t)) for t in chain}
+        return chain + [n.target for n in graph.nodes
+                        if n.op == "call_module" and n.target not in chain
+                        and type(self.get_submodule(n.target)) in classes]
 
     def _call_blocks_through(self, call, options: dict) -> None:
         """Call every block of the chain through ``call`` from now on (``compile_blocks``):
