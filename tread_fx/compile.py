@@ -6,8 +6,10 @@
 The blocks of a chain share their code, so one compiled function serves all blocks of a
 class (the parameters are inputs of the compiled graph, not constants): a chain compiles
 once per block class, token count (full, kept) and input layout, however deep it is, in
-seconds where ``torch.compile(routed)`` compiles the whole model.  What runs between the
-blocks (the selection, gathers and scatters, embedders, the final layer) stays eager.
+seconds where ``torch.compile(routed)`` compiles the whole model.  Modules of a chain
+block's class outside the chain (SD3's last block, which has no context feed-forward) go
+through the same function.  What runs between the blocks (the selection, gathers and
+scatters, embedders, the final layer) stays eager.
 
 The model's own modules are not compiled in place (``block.compile()`` would change the
 user's model too): the routed module's generated code calls each block through the
