@@ -188,3 +188,46 @@ def test_batch_dim_not_trusted_where_the_code_after_the_blocks_depends_on_it():
     for b in (4, 3, 6, 4):
         xb = torch.randn(b, 6, 8)
         assert torch.equal(routed(xb), model(xb))
+
+
+class _Res(nn.Module):
+    def __init__(self, d, bias=True):
+        super().__init__()
+        self.norm, self.lin = nn.LayerNorm(d), nn.Linear(d, d, bias=bias)
+
+    def forward(self, x):
+        return x + self.lin(self.norm(x))
+
+
+class _OddLast(nn.Module):
+    """Three equal blocks, then one of the same class with other parameters (as SD3's last
+    block), called twice."""
+
+    def __init__(self, d=8):
+        super().__init__()
+        self.blocks = nn.ModuleList([_Res(d), _Res(d), _Res(d), _Res(d, bias=False)])
+
+    def forward(self, x):
+        for block in self.blocks[:3]:
+            x = block(x)
+        return self.blocks[3](self.blocks[3](x))
+
+
+def test_a_same_class_block_outside_the_chain_is_a_call_and_stays_out_of_routes():
+    torch.manual_seed(0)
+    model, x = _OddLast(), torch.randn(2, 6, 8)
+    routed = tread_fx.route(model, "1:2@0.5", example_inputs=(x,), front_end="export").train()
+    assert routed.block_chain == ("blocks.0", "blocks.1", "blocks.2")
+    calls = [n.target for n in routed.graph.nodes if n.op == "call_module"]
+    assert calls.count("blocks.3") == 2
+    out = routed(x)
+    # hand-written route with the selector's draw: blocks 1-2 on the kept rows only
+    index = routed.selectors[0].last_indices
+    rows = torch.arange(2)[:, None]
+    h = model.blocks[0](x)
+    kept = model.blocks[2](model.blocks[1](h[rows, index]))
+    h = h.clone()
+    h[rows, index] = kept
+    torch.testing.assert_close(out, model.blocks[3](model.blocks[3](h)), rtol=0, atol=0)
+    routed.eval()
+    assert torch.equal(routed(x), model.eval()(x))
