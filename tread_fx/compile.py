@@ -83,7 +83,7 @@ def compile_blocks(routed: nn.Module, **compile_options: Any) -> nn.Module:
     routed = _require_routed(routed, "compile_blocks")
     compile_options = {"dynamic": False, **compile_options}
     compiled: dict[type, Callable] = {}
-    for cls in {type(routed.get_submodule(t)) for t in routed.block_chain}:
+    for cls in routed._block_classes():
         compiled[cls] = torch.compile(_call_block_of(cls), **compile_options)
 
     def call_compiled_block(block: nn.Module, *args: Any, **kwargs: Any) -> Any:

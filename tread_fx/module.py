@@ -184,10 +184,14 @@ class TreadGraphModule(fx.GraphModule):
         """The chain's blocks and every other module of their classes that ``graph`` calls
         (SD3's last block, outside the chain): ``compile_blocks`` compiles them all."""
         chain = list(self.__dict__.get("block_chain", ()))
-        classes = {type(self.get_submodule(t)) for t in chain}
+        classes = self._block_classes()
         return chain + [n.target for n in graph.nodes
                         if n.op == "call_module" and n.target not in chain
                         and type(self.get_submodule(n.target)) in classes]
+
+    def _block_classes(self) -> set[type]:
+        """The classes of the chain's blocks (Flux: two)."""
+        return {type(self.get_submodule(t)) for t in self.__dict__.get("block_chain", ())}
 
     def _call_blocks_through(self, call, options: dict) -> None:
         """Call every block of the chain through ``call`` from now on (``compile_blocks``):
